@@ -1,0 +1,113 @@
+"""`ichedge` command line: parses arguments and calls the Python API, nothing else."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import warnings
+from dataclasses import fields
+from pathlib import Path
+
+from ichedge.data import DataError
+
+
+def _config_args(p: argparse.ArgumentParser, single: bool) -> None:
+    from ichedge.training import TrainConfig
+
+    d = TrainConfig()
+    p.add_argument("--data", type=Path, help="CSV manifest, folder with labels.csv, or class folders (default: bundled CT-ICH)")
+    if single:
+        p.add_argument("--size", type=int, default=d.size, help="input resolution rho (square)")
+        p.add_argument("--alpha", type=float, default=d.alpha, help="MobileNetV2 width multiplier")
+    p.add_argument("--channels", choices=("gray", "brain-bone"), default=d.channels)
+    p.add_argument("--no-crop", dest="crop", action="store_false", help="keep the full frame (default: crop to the head)")
+    p.add_argument("--neurons", type=int, default=d.neurons)
+    p.add_argument("--dropout", type=float, default=d.dropout)
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--learning-rate", type=float, default=d.learning_rate)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--fine-tune-epochs", type=int, default=d.fine_tune_epochs)
+    p.add_argument("--fine-tune-lr", type=float, default=d.fine_tune_lr)
+    p.add_argument("--fine-tune-from", default=d.fine_tune_from, help="first backbone layer (name prefix) to unfreeze")
+    p.add_argument("--no-augment", dest="augment", action="store_false")
+    p.add_argument("--no-class-weight", dest="class_weight", action="store_false")
+    p.add_argument("--weights", default=d.weights, help="'imagenet', 'random' or a Keras no-top weights file")
+    p.add_argument("--target-sensitivity", type=float, default=d.target_sensitivity)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--runs", type=Path, default=Path("runs"), help="folder that receives new run folders")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _config(args: argparse.Namespace):
+    from ichedge.training import TrainConfig
+
+    return TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)})
+
+
+def _dataset(args: argparse.Namespace, config):
+    from ichedge.data import read_dataset
+
+    ds = read_dataset(args.data, config.preprocessing.windows)
+    print(ds.summary())
+    for note in ds.notes:
+        print(f"  skipped: {note}")
+    return ds
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from ichedge.data import train_val_test_split
+    from ichedge.training import train
+
+    config = _config(args)
+    ds = _dataset(args, config)
+    split = train_val_test_split(ds, seed=config.seed)
+    run, result = train(config, ds, split, args.runs, progress=not args.quiet)
+    if not result.weights.pretrained:
+        print(f"WARNING: RANDOM WEIGHTS: {result.weights.note}")
+    d, hs = result.metrics["default"], result.metrics["high_sensitivity"]
+    print(f"test ({d['n']} slices, unseen patients): loss {d['loss']:.3f}  accuracy {d['accuracy']:.3f}  AUC {d['auc']:.3f}")
+    print(f"  at 0.5:   sensitivity {d['sensitivity']:.3f}  specificity {d['specificity']:.3f}")
+    print(f"  at {hs['threshold']:.3f} (val sensitivity >= {config.target_sensitivity}): "
+          f"sensitivity {hs['sensitivity']:.3f}  specificity {hs['specificity']:.3f}")
+    print(f"run folder: {run}")
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from ichedge.sweep import PAPER_GRID, parse_grid, run_sweep
+
+    config = _config(args)
+    grid = parse_grid(args.grid) if args.grid else list(PAPER_GRID)
+    ds = _dataset(args, config)
+    out, _ = run_sweep(config, ds, grid, folds=args.folds, seed=config.seed, runs_root=args.runs,
+                       progress=not args.quiet)
+    print((out / "results.md").read_text())
+    print(f"sweep folder: {out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ichedge", description="Intracranial hemorrhage detection on head CT for edge devices")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="train and evaluate one configuration on a patient-level split")
+    _config_args(p, single=True)
+    p.set_defaults(func=cmd_train)
+    p = sub.add_parser("sweep", help="train a grid of (rho, alpha) configurations; paper-style table")
+    _config_args(p, single=False)
+    p.add_argument("--grid", help="SIZExALPHA list, e.g. 96x0.35,160x0.5 (default: the paper's five)")
+    p.add_argument("--folds", type=int, default=1, help="patient-grouped folds (1 = one split; 5 for cross-validation)")
+    p.set_defaults(func=cmd_sweep)
+    args = parser.parse_args(argv)
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    warnings.filterwarnings("ignore", module="keras")  # framework chatter, not about the user's data
+    try:
+        return args.func(args)
+    except (DataError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,296 @@
+"""Datasets: readers for CT slice collections, patient-level splits and image loading.
+
+Every reader returns a :class:`Dataset` of :class:`Record` rows. A record points at one slice
+(one image per window) and carries its label (1 = hemorrhage, the positive class) and, where
+the layout has them, the patient and slice number. Splits always keep a patient's slices
+together; a layout without patient IDs falls back to image-level splits with a warning.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+POSITIVE_FOLDERS = {"hemorrhagic", "hemorrhage", "haemorrhagic", "ich", "positive", "bleed"}
+NEGATIVE_FOLDERS = {"normal", "negative", "no_hemorrhage", "healthy"}
+SPLIT_FOLDERS = {"train", "training", "test", "testing", "val", "valid", "validation"}
+
+CT_ICH_CREDIT = (
+    'CT-ICH: "Computed Tomography Images for Intracranial Hemorrhage Detection and '
+    'Segmentation" v1.0.0, Hssayeni M.D., Croock M.S., Al-Ani A., Al-khafaji H.F., Yahya Z.A., '
+    "PhysioNet, doi:10.13026/w8q8-ky94; licence CC BY 4.0."
+)
+
+
+class DataError(ValueError):
+    """A dataset, manifest or image that cannot be used; the message names the file."""
+
+
+@dataclass(frozen=True)
+class Record:
+    """One CT slice: an image path per window, its label and where it comes from."""
+
+    images: dict[str, Path]
+    label: int
+    patient: str | None = None
+    slice: int | None = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.patient}/{self.slice}" if self.patient is not None else str(self.path)
+
+    @property
+    def path(self) -> Path:
+        return next(iter(self.images.values()))
+
+
+@dataclass
+class Dataset:
+    """A list of records plus what is known of their provenance."""
+
+    records: list[Record]
+    name: str
+    windows: tuple[str, ...]
+    credit: str = ""
+    has_patients: bool = True
+    notes: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __iter__(self) -> Iterator[Record]:
+        return iter(self.records)
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.array([r.label for r in self.records], dtype=np.int64)
+
+    @property
+    def groups(self) -> np.ndarray:
+        """Patient IDs, or one group per image where the layout has no patients."""
+        if self.has_patients:
+            return np.array([r.patient for r in self.records])
+        return np.arange(len(self.records)).astype(str)
+
+    def subset(self, indices: Sequence[int]) -> Dataset:
+        return replace(self, records=[self.records[i] for i in indices])
+
+    def summary(self) -> str:
+        y = self.labels
+        patients = len(set(self.groups)) if self.has_patients else "unknown"
+        return (
+            f"{self.name}: {len(self)} slices ({int(y.sum())} hemorrhage, "
+            f"{int(len(y) - y.sum())} normal), patients: {patients}"
+        )
+
+
+def bundled_path() -> Path:
+    """Folder of the CT-ICH copy shipped inside the package (160x160 JPEG)."""
+    return Path(str(resources.files("ichedge") / "datasets" / "ct_ich_160"))
+
+
+def load_bundled(windows: Sequence[str] = ("brain",)) -> Dataset:
+    """The bundled CT-ICH dataset: 2,501 slices from 82 patients, CC BY 4.0."""
+    ds = read_manifest(bundled_path() / "labels.csv", windows=windows)
+    ds.name = "CT-ICH (bundled, 160x160)"
+    ds.credit = CT_ICH_CREDIT
+    return ds
+
+
+def read_manifest(path: str | Path, windows: Sequence[str] = ("brain",)) -> Dataset:
+    """Read a CSV manifest laid out as CT-ICH's labels.csv.
+
+    Required columns: ``hemorrhage`` (0/1), ``patient`` and one image-path column per requested
+    window (``brain``, ``bone``), relative to the CSV's folder. ``slice`` is optional. A row
+    whose image for a requested window is missing is reported and left out.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: manifest not found")
+    root = path.parent
+    with path.open(newline="") as fh:
+        reader = csv.DictReader(fh)
+        columns = set(reader.fieldnames or [])
+        missing = {"hemorrhage", "patient", *windows} - columns
+        if missing:
+            raise DataError(f"{path}: missing column(s) {', '.join(sorted(missing))}")
+        records, notes = [], []
+        for line, row in enumerate(reader, start=2):
+            try:
+                label = int(row["hemorrhage"])
+                if label not in (0, 1):
+                    raise ValueError
+            except ValueError:
+                notes.append(f"{path}:{line}: hemorrhage must be 0 or 1, got {row['hemorrhage']!r}; skipped")
+                continue
+            empty = [w for w in windows if not (row[w] or "").strip()]
+            if empty:
+                notes.append(f"{path}:{line}: no {'/'.join(empty)} image; skipped")
+                continue
+            slice_no = row.get("slice")
+            records.append(
+                Record(
+                    images={w: root / row[w] for w in windows},
+                    label=label,
+                    patient=str(row["patient"]).strip(),
+                    slice=int(slice_no) if slice_no not in (None, "") else None,
+                )
+            )
+    for note in notes:
+        log.warning(note)
+    if not records:
+        raise DataError(f"{path}: no usable rows")
+    return Dataset(records, name=path.parent.name, windows=tuple(windows), notes=notes)
+
+
+def _class_of(folder: str) -> int | None:
+    name = folder.lower().replace(" ", "_").replace("-", "_")
+    if name in POSITIVE_FOLDERS:
+        return 1
+    if name in NEGATIVE_FOLDERS:
+        return 0
+    return None
+
+
+def read_class_folders(root: str | Path) -> Dataset:
+    """Read a folder-per-class layout as Kaggle CT sets ship it.
+
+    Images (PNG/JPEG) sit in class folders such as ``normal``/``NORMAL`` and
+    ``hemorrhagic``/``Hemorrhagic``, optionally under ``train``/``test`` folders. Such layouts
+    carry no patient IDs, so splits are by image and a warning says that patients may leak.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: not a folder")
+    records = []
+    for image in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
+        parts = image.relative_to(root).parts[:-1]
+        labels = [c for c in (_class_of(p) for p in parts) if c is not None]
+        if not labels:
+            continue
+        records.append(Record(images={"brain": image}, label=labels[-1]))
+    if not records:
+        raise DataError(
+            f"{root}: no images in class folders (expected e.g. normal/ and hemorrhagic/)"
+        )
+    if len({r.label for r in records}) < 2:
+        raise DataError(f"{root}: found only one class; need normal and hemorrhagic folders")
+    return Dataset(records, name=root.name, windows=("brain",), has_patients=False)
+
+
+def read_dataset(path: str | Path | None, windows: Sequence[str] = ("brain",)) -> Dataset:
+    """Open whatever the user points at: nothing (the bundled set), a CSV manifest or a folder.
+
+    A folder holding ``labels.csv`` is read as a manifest, any other folder as class folders.
+    """
+    if path is None:
+        return load_bundled(windows)
+    path = Path(path)
+    if path.is_file():
+        ds = read_manifest(path, windows)
+    elif (path / "labels.csv").is_file():
+        ds = read_manifest(path / "labels.csv", windows)
+    else:
+        if tuple(windows) != ("brain",):
+            raise DataError(f"{path}: class-folder layouts have one image per slice; use one window")
+        ds = read_class_folders(path)
+    if (path / "README.md").is_file() and "CC BY" in (path / "README.md").read_text(errors="ignore"):
+        ds.credit = CT_ICH_CREDIT
+    return ds
+
+
+# --- splits -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Split:
+    """Indices into one dataset; patients never cross the three parts (when patients are known)."""
+
+    train: np.ndarray
+    val: np.ndarray
+    test: np.ndarray
+
+    def to_json(self) -> dict[str, list[int]]:
+        return {k: getattr(self, k).tolist() for k in ("train", "val", "test")}
+
+
+def _leak_warning(ds: Dataset) -> None:
+    warnings.warn(
+        f"{ds.name}: no patient IDs, so the split is by image; slices of one patient may sit on "
+        "both sides and inflate every metric",
+        stacklevel=3,
+    )
+
+
+def _group_folds(ds: Dataset, n: int, seed: int, indices: np.ndarray | None = None):
+    idx = np.arange(len(ds)) if indices is None else np.asarray(indices)
+    y = ds.labels[idx]
+    if ds.has_patients:
+        splitter = StratifiedGroupKFold(n_splits=n, shuffle=True, random_state=seed)
+        parts = splitter.split(idx, y, ds.groups[idx])
+    else:
+        parts = StratifiedKFold(n_splits=n, shuffle=True, random_state=seed).split(idx, y)
+    return [(idx[a], idx[b]) for a, b in parts]
+
+
+def kfold_splits(ds: Dataset, folds: int = 5, seed: int = 0, val_folds: int = 4) -> list[Split]:
+    """Patient-grouped, label-stratified k-fold: each fold is the test set once.
+
+    The validation set (for thresholds and early choices) is carved out of each fold's training
+    patients the same way, holding out 1/``val_folds`` of them.
+    """
+    if not ds.has_patients:
+        _leak_warning(ds)
+    if len(set(ds.groups[ds.labels == 1])) < folds:
+        raise DataError(f"{ds.name}: fewer positive patients than folds ({folds})")
+    splits = []
+    for k, (rest, test) in enumerate(_group_folds(ds, folds, seed)):
+        train, val = _group_folds(ds, val_folds, seed + 1000 + k, rest)[0]
+        splits.append(Split(np.sort(train), np.sort(val), np.sort(test)))
+    return splits
+
+
+def train_val_test_split(ds: Dataset, test: float = 0.2, val: float = 0.2, seed: int = 0) -> Split:
+    """One patient-grouped, stratified split with about the given test and validation shares."""
+    folds = max(2, round(1 / test))
+    split = kfold_splits(ds, folds=folds, seed=seed, val_folds=max(2, round((1 - test) / val)))[0]
+    return split
+
+
+def check_no_patient_overlap(ds: Dataset, split: Split) -> None:
+    """Raise if any patient appears in more than one part of a split."""
+    if not ds.has_patients:
+        return
+    g = ds.groups
+    parts = {name: set(g[getattr(split, name)]) for name in ("train", "val", "test")}
+    for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
+        shared = parts[a] & parts[b]
+        if shared:
+            raise DataError(f"{ds.name}: {len(shared)} patient(s) in both {a} and {b}")
+
+
+# --- images -----------------------------------------------------------------------------------
+
+
+def read_image(path: Path) -> np.ndarray:
+    """One grayscale image as float32 in [0, 1]; a clear DataError for anything unreadable."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return np.asarray(im.convert("L"), dtype=np.float32) / 255.0
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise DataError(f"{path}: not a readable image ({exc})") from None

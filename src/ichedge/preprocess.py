@@ -1,0 +1,127 @@
+"""Pixels to model input: head crop, channel mode, resize.
+
+One code path feeds training, evaluation and prediction, and the settings travel with the model
+(:class:`Preprocessing` is stored in every run folder), so a model is never fed differently
+from how it was trained. Model inputs are uint8 pixel values 0..255; the model itself rescales
+them to MobileNetV2's [-1, 1], which keeps int8 export and microcontroller input simple.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from PIL import Image
+from scipy import ndimage
+
+from ichedge.data import DataError, Dataset, Record, read_image
+
+log = logging.getLogger(__name__)
+
+CHANNEL_MODES = ("gray", "brain-bone")
+WINDOWS_FOR_MODE = {"gray": ("brain",), "brain-bone": ("brain", "bone")}
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How slices become model input; recorded in the run folder and the model card."""
+
+    size: int = 96
+    channels: str = "gray"
+    crop: bool = True
+    normalisation: str = "pixels 0..255 in, rescaled to [-1, 1] inside the model"
+
+    def __post_init__(self) -> None:
+        if self.channels not in CHANNEL_MODES:
+            raise ValueError(f"channel mode must be one of {CHANNEL_MODES}, got {self.channels!r}")
+        if self.size < 32:
+            raise ValueError(f"input size must be at least 32, got {self.size}")
+
+    @property
+    def windows(self) -> tuple[str, ...]:
+        return WINDOWS_FOR_MODE[self.channels]
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def head_box(image: np.ndarray, threshold: float = 0.08, margin: float = 0.04) -> tuple[int, int, int, int]:
+    """Square box (top, left, bottom, right) around the head in a CT slice.
+
+    The head is the largest bright connected region, which leaves out the scanner table and
+    stray text. A blank image gives the whole frame.
+    """
+    h, w = image.shape
+    mask = ndimage.binary_opening(image > threshold, iterations=2)
+    labels, n = ndimage.label(mask)
+    if n == 0:
+        return 0, 0, h, w
+    sizes = ndimage.sum(mask, labels, index=range(1, n + 1))
+    rows, cols = np.nonzero(labels == 1 + int(np.argmax(sizes)))
+    top, bottom, left, right = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
+    side = int(max(bottom - top, right - left) * (1 + 2 * margin))
+    side = min(max(side, 16), h, w)
+    cy, cx = (top + bottom) // 2, (left + right) // 2
+    top = int(np.clip(cy - side // 2, 0, h - side))
+    left = int(np.clip(cx - side // 2, 0, w - side))
+    return top, left, top + side, left + side
+
+
+def _resize(image: np.ndarray, size: int) -> np.ndarray:
+    im = Image.fromarray(image.astype(np.float32), mode="F")
+    return np.asarray(im.resize((size, size), Image.Resampling.BILINEAR), dtype=np.float32)
+
+
+def prepare_slice(windows: dict[str, np.ndarray], pre: Preprocessing) -> np.ndarray:
+    """Window images (float [0, 1], same shape) to one uint8 model input (size, size, 3)."""
+    brain = windows["brain"]
+    shapes = {w.shape for w in windows.values()}
+    if len(shapes) != 1:
+        raise DataError(f"window images differ in size: {sorted(shapes)}")
+    if pre.crop:
+        t, l, b, r = head_box(brain)
+        windows = {k: v[t:b, l:r] for k, v in windows.items()}
+    planes = [_resize(windows[w], pre.size) for w in pre.windows]
+    if pre.channels == "gray":
+        planes = planes * 3
+    else:
+        planes.append((planes[0] + planes[1]) / 2)
+    return np.clip(np.stack(planes, axis=-1) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+
+
+def load_record(record: Record, pre: Preprocessing) -> np.ndarray:
+    missing = [w for w in pre.windows if w not in record.images]
+    if missing:
+        raise DataError(f"{record.path}: no {'/'.join(missing)} image for channel mode {pre.channels}")
+    return prepare_slice({w: read_image(record.images[w]) for w in pre.windows}, pre)
+
+
+@dataclass
+class Loaded:
+    """Model inputs for the readable records of a dataset, and what could not be read."""
+
+    x: np.ndarray
+    y: np.ndarray
+    indices: np.ndarray
+    errors: list[str]
+
+
+def load_inputs(ds: Dataset, pre: Preprocessing, indices: Sequence[int] | None = None, progress: bool = False) -> Loaded:
+    """Load and preprocess records; an unreadable image is reported and skipped, never fatal."""
+    from tqdm.auto import tqdm
+
+    idx = range(len(ds)) if indices is None else indices
+    xs, kept, errors = [], [], []
+    for i in tqdm(idx, desc="loading images", disable=not progress, leave=False):
+        try:
+            xs.append(load_record(ds.records[i], pre))
+            kept.append(i)
+        except DataError as exc:
+            errors.append(str(exc))
+            log.warning("skipped: %s", exc)
+    shape = (0, pre.size, pre.size, 3)
+    x = np.stack(xs) if xs else np.zeros(shape, np.uint8)
+    kept_arr = np.array(kept, dtype=np.int64)
+    return Loaded(x, ds.labels[kept_arr] if kept else np.zeros(0, np.int64), kept_arr, errors)

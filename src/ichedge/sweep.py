@@ -1,0 +1,190 @@
+"""The paper's experiment: a grid of (rho, alpha) configurations, one split or k folds.
+
+Writes a sweep folder holding a run folder per configuration (and fold) and a results table in
+the paper's format (Markdown and CSV), with the paper's reported figures beside ours and the
+weights each configuration started from.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from ichedge.data import Dataset, kfold_splits, train_val_test_split
+from ichedge.evaluation import summarise_folds
+from ichedge.preprocess import load_inputs
+from ichedge.training import (
+    TrainConfig, compute_features, finish_run_dir, fit, new_run_dir, remap_split, write_run,
+)
+
+log = logging.getLogger(__name__)
+
+# Li, "Investigation related to detection of Intracranial Hemorrhage based on edge impulse
+# enhanced CT scanning", Tables 1-5 (Kaggle AMINE dataset, no patient IDs): rates in percent.
+PAPER_RESULTS: dict[tuple[int, float], dict[str, float]] = {
+    (96, 0.35): {"loss": 0.31, "accuracy": 92.1, "fp_rate": 9.0, "tp_rate": 93.5, "fn_rate": 6.5, "tn_rate": 91.0},
+    (160, 0.35): {"loss": 0.21, "accuracy": 94.0, "fp_rate": 10.1, "tp_rate": 100.0, "fn_rate": 0.0, "tn_rate": 89.9},
+    (96, 0.1): {"loss": 0.11, "accuracy": 96.6, "fp_rate": 3.5, "tp_rate": 96.8, "fn_rate": 3.2, "tn_rate": 96.5},
+    (96, 0.05): {"loss": 0.09, "accuracy": 96.8, "fp_rate": 3.0, "tp_rate": 96.5, "fn_rate": 3.5, "tn_rate": 97.0},
+    (160, 0.5): {"loss": 0.01, "accuracy": 99.8, "fp_rate": 0.3, "tp_rate": 100.0, "fn_rate": 0.0, "tn_rate": 99.7},
+}
+PAPER_GRID: tuple[tuple[int, float], ...] = tuple(PAPER_RESULTS)
+RATE_COLUMNS = ("accuracy", "fp_rate", "tp_rate", "fn_rate", "tn_rate")
+
+
+def parse_grid(text: str) -> list[tuple[int, float]]:
+    """``"96x0.35,160x0.5"`` -> [(96, 0.35), (160, 0.5)]."""
+    grid = []
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        try:
+            size, alpha = item.lower().split("x")
+            grid.append((int(size), float(alpha)))
+        except ValueError:
+            raise ValueError(f"grid item {item!r} is not SIZExALPHA, e.g. 96x0.35") from None
+    if not grid:
+        raise ValueError("empty grid")
+    return grid
+
+
+@dataclass
+class ConfigResult:
+    config: TrainConfig
+    weights: str
+    training: str
+    folds: list[dict]
+    runs: list[str]
+    seconds: float
+
+    @property
+    def summary(self) -> dict:
+        return summarise_folds(self.folds)
+
+
+def run_sweep(
+    base: TrainConfig,
+    dataset: Dataset,
+    grid: Sequence[tuple[int, float]] = PAPER_GRID,
+    folds: int = 1,
+    seed: int = 0,
+    runs_root: Path = Path("runs"),
+    progress: bool = True,
+) -> tuple[Path, list[ConfigResult]]:
+    """Train every (size, alpha) of ``grid`` on the same patient-level split(s).
+
+    ``folds == 1`` uses one train/validation/test split; ``folds > 1`` patient-grouped k-fold
+    cross-validation, every fold's test patients unseen in its training.
+    """
+    splits = [train_val_test_split(dataset, seed=seed)] if folds == 1 else kfold_splits(dataset, folds, seed)
+    tmp, final = new_run_dir(Path(runs_root), f"sweep-{folds}fold" if folds > 1 else "sweep")
+    results: list[ConfigResult] = []
+    try:
+        loaded: dict = {}
+        for size, alpha in grid:
+            config = replace(base, size=size, alpha=alpha)
+            pre = config.preprocessing
+            if pre not in loaded:  # images are decoded once per input size and channel mode
+                loaded = {pre: load_inputs(dataset, pre, progress=progress)}
+            inputs = loaded[pre]
+            started = time.perf_counter()
+            features, fold_metrics, runs = None, [], []
+            for k, split in enumerate(splits):
+                local = remap_split(split, inputs.indices)
+                result = fit(config, inputs, local, features=features, progress=progress)
+                if result.weights.pretrained and features is None and config.fine_tune_epochs == 0:
+                    features = compute_features(result.model, inputs.x)  # frozen: same for all folds
+                name = f"{config.name}" + (f"-fold{k}" if folds > 1 else "")
+                write_run(tmp / name, config, dataset, inputs, local, result)
+                runs.append(name)
+                fold_metrics.append(result.metrics)
+                log.info("%s: test AUC %.3f", name, result.metrics["default"]["auc"])
+            results.append(
+                ConfigResult(
+                    config, _weights_label(result.weights), _training_label(config, result.weights.pretrained),
+                    fold_metrics, runs, time.perf_counter() - started,
+                )
+            )
+        write_tables(tmp, results, dataset, folds)
+        return finish_run_dir(tmp, final), results
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _weights_label(weights) -> str:
+    return {"bundled": "ImageNet (bundled)", "file": "file", "keras-download": "ImageNet (download)"}.get(
+        weights.source, "RANDOM (no ImageNet weights here)"
+    )
+
+
+def _training_label(config: TrainConfig, pretrained: bool) -> str:
+    if not pretrained:
+        return f"from scratch, {config.epochs} ep"
+    text = f"frozen {config.epochs} ep"
+    return text + (f" + fine-tune {config.fine_tune_epochs} ep" if config.fine_tune_epochs else "")
+
+
+def _fmt(stat: dict[str, float], percent: bool, folds: int) -> str:
+    scale = 100 if percent else 1
+    digits = 1 if percent else 3
+    text = f"{stat['mean'] * scale:.{digits}f}"
+    return text + (f" ± {stat['sd'] * scale:.{digits}f}" if folds > 1 else "")
+
+
+def table_rows(results: Sequence[ConfigResult], folds: int) -> list[dict[str, str]]:
+    rows = []
+    for r in results:
+        s = r.summary
+        d, hs = s["default"], s["high_sensitivity"]
+        paper = PAPER_RESULTS.get((r.config.size, r.config.alpha), {})
+        row = {"rho": f"{r.config.size}x{r.config.size}", "alpha": f"{r.config.alpha:g}", "weights": r.weights,
+               "training": r.training}
+        row["paper loss"] = f"{paper['loss']:.2f}" if paper else "-"
+        for c in RATE_COLUMNS:
+            row[f"paper {c.replace('_rate', '').upper() if c != 'accuracy' else 'accuracy'}"] = (
+                f"{paper[c]:.1f}%" if paper else "-"
+            )
+        row["loss"] = _fmt(d["loss"], False, folds)
+        for c in RATE_COLUMNS:
+            row[c.replace("_rate", "").upper() if c != "accuracy" else "accuracy"] = _fmt(d[c], True, folds) + "%"
+        row["AUC"] = _fmt(d["auc"], False, folds)
+        row["hs threshold"] = _fmt(hs["threshold"], False, folds)
+        row["hs sensitivity"] = _fmt(hs["sensitivity"], True, folds) + "%"
+        row["hs specificity"] = _fmt(hs["specificity"], True, folds) + "%"
+        row["train s"] = f"{r.seconds:.0f}"
+        rows.append(row)
+    return rows
+
+
+def write_tables(out: Path, results: Sequence[ConfigResult], dataset: Dataset, folds: int) -> None:
+    rows = table_rows(results, folds)
+    with (out / "results.csv").open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    header = list(rows[0])
+    split = f"{folds} patient-grouped folds (mean ± sd)" if folds > 1 else "one patient-level split"
+    lines = [
+        f"# Sweep: {dataset.summary()}",
+        "",
+        f"Evaluation: {split}. Our loss, accuracy and TP/FP/FN/TN rates (within each true class) are",
+        "on the test slices at threshold 0.5, as the paper reports them; 'hs' columns are at the",
+        f"threshold chosen on validation for sensitivity >= {results[0].config.target_sensitivity}.",
+        "Paper columns: Li's Tables 1-5, measured on a Kaggle set without patient IDs (slice-level",
+        "split, so patients leak); they are not comparable to a patient-level split.",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
+    lines += ["| " + " | ".join(r[h] for h in header) + " |" for r in rows]
+    if dataset.credit:
+        lines += ["", f"Data: {dataset.credit}"]
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    (out / "results.json").write_text(json.dumps(
+        [{"config": r.config.to_json(), "weights": r.weights, "training": r.training, "runs": r.runs,
+          "seconds": r.seconds, "summary": r.summary, "folds": r.folds} for r in results], indent=2))

@@ -1,0 +1,336 @@
+"""Transfer learning as Edge Impulse does it, and the run folder each training writes.
+
+A pretrained backbone is first frozen: its pooled features are computed once for every image
+(seconds, not minutes, on 2 cores) and the head is trained on them. Optional fine-tuning then
+unfreezes the top of the backbone, keeps its batch-norm statistics fixed, and trains on
+augmented images at a lower rate. A backbone without pretrained weights has nothing to freeze,
+so the whole network trains from scratch on augmented images.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from ichedge import __version__
+from ichedge.data import Dataset, Split, check_no_patient_overlap
+from ichedge.evaluation import evaluate_split, plot_confusion, plot_history, plot_roc
+from ichedge.model import Weights, build_model, feature_extractor, resolve_weights
+from ichedge.preprocess import Loaded, Preprocessing, load_inputs
+
+import keras  # noqa: E402  (model sets TF's log level first)
+import tensorflow as tf  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run; stored as config.json in the run folder."""
+
+    size: int = 96
+    alpha: float = 0.35
+    channels: str = "gray"
+    crop: bool = True
+    neurons: int = 8
+    dropout: float = 0.1
+    epochs: int = 10
+    learning_rate: float = 1e-3
+    batch_size: int = 32
+    fine_tune_epochs: int = 0
+    fine_tune_lr: float = 1e-4
+    fine_tune_from: str = "block_13_expand"
+    augment: bool = True
+    class_weight: bool = True
+    weights: str = "imagenet"
+    target_sensitivity: float = 0.95
+    seed: int = 0
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        return Preprocessing(size=self.size, channels=self.channels, crop=self.crop)
+
+    @property
+    def name(self) -> str:
+        return f"{self.size}px-a{self.alpha:g}-{self.channels}"
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class TrainResult:
+    """What a training produced: the model, its curves and its test metrics."""
+
+    model: keras.Model
+    weights: Weights
+    history: dict[str, list]
+    metrics: dict[str, dict[str, float]]
+    probabilities: dict[str, np.ndarray]
+    labels: dict[str, np.ndarray]
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+# --- inputs ------------------------------------------------------------------------------------
+
+
+def augmenter(seed: int) -> keras.Sequential:
+    """Flips, small shifts and rotations, brightness and contrast: what a CT slice can vary by."""
+    return keras.Sequential(
+        [
+            keras.layers.RandomFlip("horizontal", seed=seed),
+            keras.layers.RandomTranslation(0.06, 0.06, fill_mode="constant", seed=seed),
+            keras.layers.RandomRotation(0.04, fill_mode="constant", seed=seed),
+            keras.layers.RandomBrightness(0.1, value_range=(0, 255), seed=seed),
+            keras.layers.RandomContrast(0.15, value_range=(0, 255), seed=seed),
+        ],
+        name="augment",
+    )
+
+
+def _image_batches(x: np.ndarray, y: np.ndarray, batch: int, seed: int, augment: bool) -> tf.data.Dataset:
+    data = tf.data.Dataset.from_tensor_slices((x, y.astype("float32")))
+    data = data.shuffle(len(x), seed=seed, reshuffle_each_iteration=True).batch(batch)
+    data = data.map(lambda a, b: (tf.cast(a, tf.float32), b))
+    if augment:
+        aug = augmenter(seed)
+        data = data.map(lambda a, b: (tf.clip_by_value(aug(a, training=True), 0.0, 255.0), b))
+    return data.prefetch(tf.data.AUTOTUNE)
+
+
+def class_weights(y: np.ndarray) -> dict[int, float]:
+    """Balanced weights (n / (2 n_c)) so the 1:7 minority counts as much as the majority."""
+    counts = np.bincount(y.astype(int), minlength=2)
+    return {c: float(len(y) / (2 * counts[c])) if counts[c] else 1.0 for c in (0, 1)}
+
+
+def _progress(enabled: bool) -> list[keras.callbacks.Callback]:
+    if not enabled:
+        return []
+    from tqdm.keras import TqdmCallback
+
+    return [TqdmCallback(verbose=1, leave=False)]
+
+
+def _compile(model: keras.Model, lr: float | keras.optimizers.schedules.LearningRateSchedule) -> None:
+    model.compile(
+        optimizer=keras.optimizers.Adam(lr),
+        loss="binary_crossentropy",
+        metrics=[keras.metrics.AUC(name="auc")],
+    )
+
+
+def _append(history: dict[str, list], new: dict[str, list], phase: str) -> None:
+    for key, values in new.items():
+        history.setdefault(key, []).extend(float(v) for v in values)
+    history.setdefault("phase", []).extend([phase] * len(next(iter(new.values()))))
+
+
+# --- training ---------------------------------------------------------------------------------
+
+
+def compute_features(model: keras.Model, x: np.ndarray, batch: int = 64) -> np.ndarray:
+    """Pooled backbone features of every image: the frozen phase's cache."""
+    return feature_extractor(model).predict(x.astype("float32"), batch_size=batch, verbose=0)
+
+
+def fit(
+    config: TrainConfig,
+    inputs: Loaded,
+    split: Split,
+    features: np.ndarray | None = None,
+    progress: bool = False,
+) -> TrainResult:
+    """Train one model on ``split`` of already loaded inputs and evaluate it on the test part.
+
+    ``split`` indexes ``inputs.x``. ``features``, if given, are the frozen backbone's pooled
+    features of ``inputs.x`` (reused across folds of a cross-validation).
+    """
+    keras.utils.set_random_seed(config.seed)
+    weights = resolve_weights(config.alpha, config.size, config.weights)
+    model = build_model(config.alpha, config.size, weights, config.neurons, config.dropout, config.seed)
+    x, y = inputs.x, inputs.y
+    tr, va, te = split.train, split.val, split.test
+    cw = class_weights(y[tr]) if config.class_weight else None
+    history: dict[str, list] = {}
+    seconds: dict[str, float] = {}
+
+    backbone = model.get_layer("backbone")
+    head = model.get_layer("head")
+    if weights.pretrained:
+        start = time.perf_counter()
+        if features is None:
+            features = compute_features(model, x)
+        seconds["features"] = time.perf_counter() - start
+        start = time.perf_counter()
+        _compile(head, config.learning_rate)
+        h = head.fit(
+            features[tr], y[tr], validation_data=(features[va], y[va]), epochs=config.epochs,
+            batch_size=config.batch_size, class_weight=cw, verbose=0, callbacks=_progress(progress),
+            shuffle=True,
+        )
+        _append(history, h.history, "frozen")
+        seconds["frozen"] = time.perf_counter() - start
+        if config.fine_tune_epochs > 0:
+            start = time.perf_counter()
+            unfreeze_top(backbone, config.fine_tune_from)
+            steps = config.fine_tune_epochs * int(np.ceil(len(tr) / config.batch_size))
+            _compile(model, keras.optimizers.schedules.CosineDecay(config.fine_tune_lr, steps))
+            h = model.fit(
+                _image_batches(x[tr], y[tr], config.batch_size, config.seed, config.augment),
+                validation_data=(x[va].astype("float32"), y[va]), epochs=config.fine_tune_epochs,
+                class_weight=cw, verbose=0, callbacks=_progress(progress), shuffle=False,
+            )
+            _append(history, h.history, "fine-tune")
+            seconds["fine_tune"] = time.perf_counter() - start
+    else:
+        start = time.perf_counter()
+        steps = config.epochs * int(np.ceil(len(tr) / config.batch_size))
+        _compile(model, keras.optimizers.schedules.CosineDecay(config.learning_rate, steps))
+        h = model.fit(
+            _image_batches(x[tr], y[tr], config.batch_size, config.seed, config.augment),
+            validation_data=(x[va].astype("float32"), y[va]), epochs=config.epochs,
+            class_weight=cw, verbose=0, callbacks=_progress(progress), shuffle=False,
+        )
+        _append(history, h.history, "from-scratch")
+        seconds["from_scratch"] = time.perf_counter() - start
+
+    probs = {part: predict_probabilities(model, x[idx]) for part, idx in (("val", va), ("test", te))}
+    labels = {"val": y[va], "test": y[te]}
+    metrics = evaluate_split(labels["val"], probs["val"], labels["test"], probs["test"], config.target_sensitivity)
+    return TrainResult(model, weights, history, metrics, probs, labels, seconds)
+
+
+def unfreeze_top(backbone: keras.Model, first_layer_prefix: str) -> None:
+    """Make the backbone trainable from the first layer named ``first_layer_prefix...`` on.
+
+    Batch-norm layers stay frozen: their running statistics and scales come from ImageNet.
+    """
+    names = [layer.name for layer in backbone.layers]
+    starts = [i for i, n in enumerate(names) if n.startswith(first_layer_prefix)]
+    if not starts:
+        raise ValueError(f"no backbone layer starts with {first_layer_prefix!r}")
+    backbone.trainable = True
+    for i, layer in enumerate(backbone.layers):
+        is_bn = isinstance(layer, keras.layers.BatchNormalization)
+        layer.trainable = i >= starts[0] and not is_bn
+
+
+def predict_probabilities(model: keras.Model, x: np.ndarray, batch: int = 64) -> np.ndarray:
+    return model.predict(x.astype("float32"), batch_size=batch, verbose=0).reshape(-1)
+
+
+# --- run folders ------------------------------------------------------------------------------
+
+
+def new_run_dir(root: Path, name: str) -> tuple[Path, Path]:
+    """A temporary folder to write into and the final name it will be renamed to.
+
+    Runs never overwrite: the final name carries a timestamp and, if taken, a counter.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    final = root / f"{stamp}-{name}"
+    n = 1
+    while final.exists():
+        n += 1
+        final = root / f"{stamp}-{name}-{n}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
+    return tmp, final
+
+
+def finish_run_dir(tmp: Path, final: Path) -> Path:
+    """Move a completed run folder into place in one rename, so no half-written run is seen."""
+    if final.exists():
+        raise FileExistsError(f"{final}: exists already; refusing to overwrite a run")
+    os.rename(tmp, final)
+    return final
+
+
+def write_run(
+    out: Path,
+    config: TrainConfig,
+    dataset: Dataset,
+    inputs: Loaded,
+    split: Split,
+    result: TrainResult,
+) -> None:
+    """Write config, model, history, metrics and plots of one run into folder ``out``."""
+    (out / "plots").mkdir(parents=True, exist_ok=True)
+    records = [dataset.records[i] for i in inputs.indices]
+    meta = {
+        "ichedge_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "config": config.to_json(),
+        "preprocessing": config.preprocessing.to_json(),
+        "weights": result.weights.to_json(),
+        "class_names": ["normal", "hemorrhage"],
+        "dataset": {
+            "name": dataset.name,
+            "summary": dataset.summary(),
+            "credit": dataset.credit,
+            "split_by": "patient" if dataset.has_patients else "image (no patient IDs: patients may leak)",
+            "sizes": {k: int(len(getattr(split, k))) for k in ("train", "val", "test")},
+            "skipped_images": inputs.errors,
+        },
+        "split": {k: [records[i].key for i in getattr(split, k)] for k in ("train", "val", "test")},
+        "seconds": result.seconds,
+    }
+    if not result.weights.pretrained:
+        meta["warning"] = f"RANDOM WEIGHTS: {result.weights.note}"
+    (out / "config.json").write_text(json.dumps(meta, indent=2))
+    result.model.save(out / "model.keras")
+    keys = [k for k in result.history if k != "phase"]
+    with (out / "history.csv").open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["epoch", "phase", *keys])
+        for i, phase in enumerate(result.history["phase"]):
+            w.writerow([i + 1, phase, *(f"{result.history[k][i]:.6f}" for k in keys)])
+    (out / "metrics.json").write_text(json.dumps(result.metrics, indent=2))
+    np.savez(out / "predictions.npz", **{f"{k}_p": v for k, v in result.probabilities.items()},
+             **{f"{k}_y": v for k, v in result.labels.items()})
+    plot_history(result.history, out / "plots" / "learning_curves.png")
+    hs = result.metrics["high_sensitivity"]
+    plot_confusion(result.metrics["default"], out / "plots" / "confusion_0.5.png", "test, threshold 0.5")
+    plot_confusion(hs, out / "plots" / "confusion_high_sensitivity.png",
+                   f"test, threshold {hs['threshold']:.3f} (val sensitivity >= {config.target_sensitivity})")
+    plot_roc(result.labels["test"], result.probabilities["test"],
+             {"0.5": result.metrics["default"], "high-sensitivity": hs}, out / "plots" / "roc.png")
+
+
+def train(
+    config: TrainConfig,
+    dataset: Dataset,
+    split: Split,
+    runs_root: Path = Path("runs"),
+    progress: bool = True,
+) -> tuple[Path, TrainResult]:
+    """Load, train, evaluate and write a new run folder; returns its path and the result."""
+    check_no_patient_overlap(dataset, split)
+    inputs = load_inputs(dataset, config.preprocessing, progress=progress)
+    local = remap_split(split, inputs.indices)
+    result = fit(config, inputs, local, progress=progress)
+    tmp, final = new_run_dir(Path(runs_root), config.name)
+    try:
+        write_run(tmp, config, dataset, inputs, local, result)
+        return finish_run_dir(tmp, final), result
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def remap_split(split: Split, kept: np.ndarray) -> Split:
+    """Translate dataset indices to positions among the images that loaded (others dropped)."""
+    pos = {int(i): p for p, i in enumerate(kept)}
+    part = lambda idx: np.array([pos[int(i)] for i in idx if int(i) in pos], dtype=np.int64)  # noqa: E731
+    return Split(part(split.train), part(split.val), part(split.test))

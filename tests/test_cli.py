@@ -1,0 +1,49 @@
+import csv
+import json
+
+import pytest
+
+from ichedge.cli import main
+from ichedge.sweep import PAPER_RESULTS, parse_grid
+from tests.conftest import write_manifest
+
+
+def test_parse_grid():
+    assert parse_grid("96x0.35, 160X0.5") == [(96, 0.35), (160, 0.5)]
+    with pytest.raises(ValueError, match="SIZExALPHA"):
+        parse_grid("96-0.35")
+
+
+def test_train_reports_a_clear_error_for_a_bad_data_path(tmp_path, capsys):
+    assert main(["train", "--data", str(tmp_path / "nowhere"), "--runs", str(tmp_path)]) == 2
+    assert "nowhere: not a folder" in capsys.readouterr().err
+
+
+def test_cli_train_on_a_manifest(tmp_path, capsys):
+    data = write_manifest(tmp_path / "data", patients=12)
+    code = main(["train", "--data", str(data), "--size", "32", "--alpha", "0.35", "--epochs", "2",
+                 "--runs", str(tmp_path / "runs"), "--quiet"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "72 slices" in out and "AUC" in out and "run folder:" in out
+    assert len(list((tmp_path / "runs").iterdir())) == 1
+
+
+def test_sweep_writes_the_paper_table_with_folds(tmp_path):
+    data = write_manifest(tmp_path / "data", patients=16)
+    code = main(["sweep", "--data", str(data), "--grid", "96x0.35,32x0.1", "--folds", "2", "--epochs", "2",
+                 "--runs", str(tmp_path / "runs"), "--quiet"])
+    assert code == 0
+    (sweep,) = (tmp_path / "runs").iterdir()
+    rows = list(csv.DictReader((sweep / "results.csv").open()))
+    assert [(r["rho"], r["alpha"]) for r in rows] == [("96x96", "0.35"), ("32x32", "0.1")]
+    assert rows[0]["weights"] == "ImageNet (bundled)" and rows[1]["weights"].startswith("RANDOM")
+    assert rows[0]["paper accuracy"] == f"{PAPER_RESULTS[(96, 0.35)]['accuracy']:.1f}%"
+    assert rows[1]["paper accuracy"] == "-"
+    assert "±" in rows[0]["AUC"]
+    runs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
+    assert runs == ["32px-a0.1-gray-fold0", "32px-a0.1-gray-fold1", "96px-a0.35-gray-fold0", "96px-a0.35-gray-fold1"]
+    summary = json.loads((sweep / "results.json").read_text())
+    assert len(summary[0]["folds"]) == 2
+    md = (sweep / "results.md").read_text()
+    assert "| rho | alpha | weights |" in md and "patient-grouped folds" in md

@@ -1,0 +1,129 @@
+import numpy as np
+import pytest
+from PIL import Image
+
+from ichedge.data import (
+    CT_ICH_CREDIT, DataError, bundled_path, check_no_patient_overlap, kfold_splits, load_bundled, read_class_folders,
+    read_dataset, read_image, read_manifest, train_val_test_split,
+)
+
+
+def test_bundled_dataset_is_complete_and_credited():
+    ds = load_bundled(("brain",))
+    assert len(ds) == 2501
+    assert int(ds.labels.sum()) == 318
+    assert len(set(ds.groups)) == 82
+    assert len(set(ds.groups[ds.labels == 1])) == 36
+    assert all(r.images["brain"].is_file() for r in ds.records[:50])
+    readme = (bundled_path() / "README.md").read_text()
+    assert "CC BY 4.0" in readme and "10.13026/w8q8-ky94" in readme
+    assert read_dataset(None).credit == CT_ICH_CREDIT
+    with Image.open(ds.records[0].path) as im:
+        assert im.size == (160, 160)
+
+
+def test_bundled_brain_bone_skips_the_slice_without_bone_image():
+    ds = load_bundled(("brain", "bone"))
+    assert len(ds) == 2500
+    assert any("no bone image" in n for n in ds.notes)
+
+
+def test_manifest_reader(synthetic_manifest):
+    ds = read_manifest(synthetic_manifest, ("brain", "bone"))
+    assert len(ds) == 48 and ds.has_patients
+    assert int(ds.labels.sum()) == 8
+    rec = ds.records[0]
+    assert rec.patient == "0" and rec.slice == 1 and rec.images["bone"].is_file()
+
+
+def test_manifest_errors_name_the_file(tmp_path):
+    bad = tmp_path / "labels.csv"
+    bad.write_text("patient,slice,brain\n1,1,a.png\n")
+    with pytest.raises(DataError, match=r"labels\.csv.*hemorrhage"):
+        read_manifest(bad)
+    with pytest.raises(DataError, match="not found"):
+        read_manifest(tmp_path / "missing.csv")
+
+
+def test_manifest_skips_bad_label_rows(tmp_path, synthetic_manifest):
+    text = synthetic_manifest.read_text().splitlines()
+    text.append("99,1,maybe,brain/000_001.png,bone/000_001.png")
+    synthetic_manifest.write_text("\n".join(text) + "\n")
+    ds = read_manifest(synthetic_manifest)
+    assert len(ds) == 48
+    assert any("hemorrhage must be 0 or 1" in n for n in ds.notes)
+
+
+@pytest.mark.parametrize("pos,neg,nested", [("hemorrhagic", "normal", False), ("Hemorrhagic", "NORMAL", True)])
+def test_class_folder_reader(tmp_path, pos, neg, nested):
+    for split in ("train", "test") if nested else ("",):
+        for cls, n in ((pos, 3), (neg, 5)):
+            folder = tmp_path / split / cls
+            folder.mkdir(parents=True)
+            for i in range(n):
+                Image.new("L", (20, 20), 100).save(folder / f"{i}.{'png' if i % 2 else 'jpg'}")
+    ds = read_class_folders(tmp_path)
+    copies = 2 if nested else 1
+    assert len(ds) == 8 * copies and int(ds.labels.sum()) == 3 * copies
+    assert not ds.has_patients
+
+
+def test_class_folder_reader_needs_two_classes(tmp_path):
+    (tmp_path / "normal").mkdir()
+    Image.new("L", (8, 8)).save(tmp_path / "normal" / "a.png")
+    with pytest.raises(DataError, match="one class"):
+        read_class_folders(tmp_path)
+
+
+def test_patient_split_never_shares_patients_and_keeps_both_classes():
+    ds = load_bundled()
+    split = train_val_test_split(ds, seed=3)
+    check_no_patient_overlap(ds, split)
+    for part in (split.train, split.val, split.test):
+        assert 0 < ds.labels[part].mean() < 1
+    assert len(split.train) + len(split.val) + len(split.test) == len(ds)
+
+
+def test_overlap_check_catches_a_leak():
+    ds = load_bundled()
+    split = train_val_test_split(ds, seed=0)
+    leaky = type(split)(np.append(split.train, split.test[0]), split.val, split.test)
+    with pytest.raises(DataError, match="both train and test"):
+        check_no_patient_overlap(ds, leaky)
+
+
+def test_kfold_puts_every_patient_in_test_exactly_once():
+    ds = load_bundled()
+    splits = kfold_splits(ds, folds=5, seed=0)
+    tested = np.concatenate([s.test for s in splits])
+    assert sorted(tested.tolist()) == list(range(len(ds)))
+    for s in splits:
+        check_no_patient_overlap(ds, s)
+        assert ds.labels[s.test].sum() > 0
+
+
+def test_splits_are_seeded():
+    ds = load_bundled()
+    a, b = train_val_test_split(ds, seed=1), train_val_test_split(ds, seed=1)
+    c = train_val_test_split(ds, seed=2)
+    assert np.array_equal(a.test, b.test)
+    assert not np.array_equal(a.test, c.test)
+
+
+def test_image_level_split_warns_about_leakage(tmp_path):
+    for cls, n in (("hemorrhagic", 10), ("normal", 20)):
+        (tmp_path / cls).mkdir()
+        for i in range(n):
+            Image.new("L", (8, 8), i).save(tmp_path / cls / f"{i}.png")
+    ds = read_class_folders(tmp_path)
+    with pytest.warns(UserWarning, match="may sit on both sides"):
+        train_val_test_split(ds)
+
+
+def test_read_image_errors_name_the_file(tmp_path):
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage")
+    with pytest.raises(DataError, match="broken.png: not a readable image"):
+        read_image(broken)
+    with pytest.raises(DataError, match="nope.png: file not found"):
+        read_image(tmp_path / "nope.png")

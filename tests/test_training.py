@@ -1,0 +1,87 @@
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from ichedge.data import Split, read_manifest, train_val_test_split
+from ichedge.training import TrainConfig, class_weights, new_run_dir, remap_split, train, unfreeze_top
+
+RUN_FILES = {"config.json", "model.keras", "history.csv", "metrics.json", "predictions.npz",
+             "plots/learning_curves.png", "plots/confusion_0.5.png", "plots/confusion_high_sensitivity.png",
+             "plots/roc.png"}
+
+
+def _files(run):
+    return {str(p.relative_to(run)) for p in run.rglob("*") if p.is_file()}
+
+
+def test_class_weights_balance_the_classes():
+    w = class_weights(np.array([0] * 7 + [1]))
+    assert w[1] == pytest.approx(4.0) and w[0] == pytest.approx(8 / 14)
+    assert 7 * w[0] == pytest.approx(1 * w[1])
+
+
+def test_remap_split_drops_unloaded_images():
+    split = Split(np.array([0, 1, 2]), np.array([3]), np.array([4, 5]))
+    local = remap_split(split, np.array([0, 2, 3, 5]))
+    assert local.train.tolist() == [0, 1] and local.val.tolist() == [2] and local.test.tolist() == [3]
+
+
+def test_run_dirs_never_collide(tmp_path):
+    tmp1, final1 = new_run_dir(tmp_path, "x")
+    final1.mkdir()
+    _, final2 = new_run_dir(tmp_path, "x")
+    assert final2 != final1 and final2.name.startswith(final1.name)
+
+
+def test_unfreeze_top_keeps_batch_norm_frozen():
+    import keras
+
+    from ichedge.model import build_model, resolve_weights
+
+    model = build_model(0.35, 96, resolve_weights(0.35, 96))
+    backbone = model.get_layer("backbone")
+    unfreeze_top(backbone, "block_16")
+    trainable = [l for l in backbone.layers if l.trainable and l.weights]
+    assert trainable and all(l.name.startswith(("block_16", "Conv_1")) for l in trainable)
+    assert not any(isinstance(l, keras.layers.BatchNormalization) for l in trainable)
+    with pytest.raises(ValueError, match="no backbone layer"):
+        unfreeze_top(backbone, "nonsense")
+
+
+def test_from_scratch_training_writes_a_complete_run(tmp_path):
+    from tests.conftest import write_manifest
+
+    ds = read_manifest(write_manifest(tmp_path / "data", patients=12))
+    config = TrainConfig(size=32, alpha=0.1, epochs=2, batch_size=16)
+    split = train_val_test_split(ds, test=0.25, val=0.25, seed=0)
+    run, result = train(config, ds, split, tmp_path / "runs", progress=False)
+    assert RUN_FILES <= _files(run)
+    meta = json.loads((run / "config.json").read_text())
+    assert meta["weights"]["source"] == "random" and "RANDOM WEIGHTS" in meta["warning"]
+    assert meta["preprocessing"]["size"] == 32
+    with (run / "history.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 2 and {r["phase"] for r in rows} == {"from-scratch"}
+    assert set(result.metrics) == {"default", "high_sensitivity", "validation"}
+    assert not list((tmp_path / "runs").glob(".*")), "no temporary folder left behind"
+
+
+@pytest.mark.integration
+def test_transfer_learning_on_real_ct_subset(real_subset, tmp_path):
+    ds = read_manifest(real_subset)
+    config = TrainConfig(size=96, alpha=0.35, epochs=8, fine_tune_epochs=1, fine_tune_from="block_16")
+    split = train_val_test_split(ds, seed=0)
+    run, result = train(config, ds, split, tmp_path, progress=False)
+    meta = json.loads((run / "config.json").read_text())
+    assert meta["weights"]["source"] == "bundled"
+    parts = {k: {key.split("/")[0] for key in v} for k, v in meta["split"].items()}
+    assert not (parts["train"] & parts["test"]) and not (parts["val"] & parts["test"])
+    phases = [row["phase"] for row in csv.DictReader((run / "history.csv").open())]
+    assert phases == ["frozen"] * 8 + ["fine-tune"]
+    losses = [float(r["loss"]) for r in csv.DictReader((run / "history.csv").open())][:8]
+    assert losses[-1] < losses[0], "the frozen-phase head learns on real CT"
+    m = json.loads((run / "metrics.json").read_text())
+    assert 0 <= m["default"]["auc"] <= 1 and m["high_sensitivity"]["threshold"] <= 1
+    assert meta["seconds"]["features"] < 60
