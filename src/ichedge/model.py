@@ -108,6 +108,13 @@ def build_backbone(alpha: float, size: int, weights: Weights) -> keras.Model:
     backbone.name = "backbone"
     if weights.pretrained:
         backbone.load_weights(weights.path)
+    else:
+        # Keras's MobileNetV2 uses batch-norm momentum 0.999, tuned for ImageNet's long runs: in
+        # a few hundred from-scratch steps the moving statistics would barely leave their initial
+        # values and inference outputs would be constant.
+        for layer in backbone.layers:
+            if isinstance(layer, keras.layers.BatchNormalization):
+                layer.momentum = 0.9
     return backbone
 
 

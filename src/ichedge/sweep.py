@@ -60,6 +60,7 @@ class ConfigResult:
     folds: list[dict]
     runs: list[str]
     seconds: float
+    phase_seconds: list[dict[str, float]]
 
     @property
     def summary(self) -> dict:
@@ -92,7 +93,7 @@ def run_sweep(
                 loaded = {pre: load_inputs(dataset, pre, progress=progress)}
             inputs = loaded[pre]
             started = time.perf_counter()
-            features, fold_metrics, runs = None, [], []
+            features, fold_metrics, runs, phases = None, [], [], []
             for k, split in enumerate(splits):
                 local = remap_split(split, inputs.indices)
                 result = fit(config, inputs, local, features=features, progress=progress)
@@ -102,11 +103,12 @@ def run_sweep(
                 write_run(tmp / name, config, dataset, inputs, local, result)
                 runs.append(name)
                 fold_metrics.append(result.metrics)
+                phases.append(result.seconds)
                 log.info("%s: test AUC %.3f", name, result.metrics["default"]["auc"])
             results.append(
                 ConfigResult(
                     config, _weights_label(result.weights), _training_label(config, result.weights.pretrained),
-                    fold_metrics, runs, time.perf_counter() - started,
+                    fold_metrics, runs, time.perf_counter() - started, phases,
                 )
             )
         write_tables(tmp, results, dataset, folds)
@@ -187,4 +189,4 @@ def write_tables(out: Path, results: Sequence[ConfigResult], dataset: Dataset, f
     (out / "results.md").write_text("\n".join(lines) + "\n")
     (out / "results.json").write_text(json.dumps(
         [{"config": r.config.to_json(), "weights": r.weights, "training": r.training, "runs": r.runs,
-          "seconds": r.seconds, "summary": r.summary, "folds": r.folds} for r in results], indent=2))
+          "seconds": r.seconds, "phase_seconds": r.phase_seconds, "summary": r.summary, "folds": r.folds} for r in results], indent=2))
