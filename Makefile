@@ -26,7 +26,7 @@ sweep: setup
 	$(BIN)/ichedge sweep --runs $(RUNS) --quiet
 
 cv: setup
-	$(BIN)/ichedge sweep --folds 5 --runs $(RUNS) --quiet
+	$(BIN)/ichedge sweep --cv --runs $(RUNS) --quiet
 
 bench: setup
 	$(BIN)/python bench/bench_sweep.py

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from ichedge.cli import main
+from ichedge.cli import build_parser, main
 from ichedge.sweep import PAPER_RESULTS, parse_grid
 from tests.conftest import write_manifest
 
@@ -12,6 +12,13 @@ def test_parse_grid():
     assert parse_grid("96x0.35, 160X0.5") == [(96, 0.35), (160, 0.5)]
     with pytest.raises(ValueError, match="SIZExALPHA"):
         parse_grid("96-0.35")
+
+
+def test_cv_defaults_to_five_folds_and_sweep_to_one_split():
+    parser = build_parser()
+    assert parser.parse_args(["sweep", "--cv"]).folds == 5
+    assert parser.parse_args(["sweep", "--cv", "3"]).folds == 3
+    assert parser.parse_args(["sweep"]).folds == 1
 
 
 def test_train_reports_a_clear_error_for_a_bad_data_path(tmp_path, capsys):
@@ -31,7 +38,7 @@ def test_cli_train_on_a_manifest(tmp_path, capsys):
 
 def test_sweep_writes_the_paper_table_with_folds(tmp_path):
     data = write_manifest(tmp_path / "data", patients=16)
-    code = main(["sweep", "--data", str(data), "--grid", "96x0.35,32x0.1", "--folds", "2", "--epochs", "2",
+    code = main(["sweep", "--data", str(data), "--grid", "96x0.35,32x0.1", "--cv", "2", "--epochs", "2",
                  "--runs", str(tmp_path / "runs"), "--quiet"])
     assert code == 0
     (sweep,) = (tmp_path / "runs").iterdir()

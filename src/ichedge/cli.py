@@ -87,7 +87,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ichedge", description="Intracranial hemorrhage detection on head CT for edge devices")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train and evaluate one configuration on a patient-level split")
@@ -96,9 +96,14 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("sweep", help="train a grid of (rho, alpha) configurations; paper-style table")
     _config_args(p, single=False)
     p.add_argument("--grid", help="SIZExALPHA list, e.g. 96x0.35,160x0.5 (default: the paper's five)")
-    p.add_argument("--folds", type=int, default=1, help="patient-grouped folds (1 = one split; 5 for cross-validation)")
+    p.add_argument("--cv", type=int, nargs="?", const=5, default=1, metavar="K", dest="folds",
+                   help="patient-grouped K-fold cross-validation, mean ± sd (K = 5 if not given; default: one split)")
     p.set_defaults(func=cmd_sweep)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     warnings.filterwarnings("ignore", module="keras")  # framework chatter, not about the user's data
