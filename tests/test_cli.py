@@ -32,8 +32,11 @@ def test_cli_train_on_a_manifest(tmp_path, capsys):
                  "--runs", str(tmp_path / "runs"), "--quiet"])
     out = capsys.readouterr().out
     assert code == 0
-    assert "72 slices" in out and "AUC" in out and "run folder:" in out
-    assert len(list((tmp_path / "runs").iterdir())) == 1
+    assert "72 slices" in out
+    auc = float(out.split(" AUC ")[1].split()[0])
+    (run,) = (tmp_path / "runs").iterdir()
+    assert f"run folder: {run}" in out
+    assert auc == pytest.approx(json.loads((run / "metrics.json").read_text())["default"]["auc"], abs=5e-4)
 
 
 def test_sweep_writes_the_paper_table_with_folds(tmp_path):
@@ -54,3 +57,30 @@ def test_sweep_writes_the_paper_table_with_folds(tmp_path):
     assert len(summary[0]["folds"]) == 2
     md = (sweep / "results.md").read_text()
     assert "| rho | alpha | weights |" in md and "patient-grouped folds" in md
+
+
+def test_an_interrupted_sweep_keeps_its_finished_runs(tmp_path, monkeypatch):
+    import ichedge.sweep as sweep
+
+    real_fit, calls = sweep.fit, []
+
+    def fit_then_fail(config, *args, **kwargs):
+        calls.append(config.alpha)
+        if config.alpha == 0.1:
+            raise KeyboardInterrupt
+        return real_fit(config, *args, **kwargs)
+
+    monkeypatch.setattr(sweep, "fit", fit_then_fail)
+    data = write_manifest(tmp_path / "data", patients=12)
+    with pytest.raises(KeyboardInterrupt):
+        main(["sweep", "--data", str(data), "--grid", "32x0.35,32x0.1", "--epochs", "1",
+              "--runs", str(tmp_path / "runs"), "--quiet"])
+    (kept,) = (tmp_path / "runs").iterdir()
+    assert kept.name.endswith("-incomplete")
+    assert (kept / "32px-a0.35-gray" / "model.keras").is_file()
+    assert "| 32x32 | 0.35 |" in (kept / "results.md").read_text()
+
+
+def test_duplicate_grid_entries_are_refused():
+    with pytest.raises(ValueError, match="listed twice"):
+        parse_grid("96x0.35,96x0.35")

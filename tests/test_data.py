@@ -127,3 +127,48 @@ def test_read_image_errors_name_the_file(tmp_path):
         read_image(broken)
     with pytest.raises(DataError, match="nope.png: file not found"):
         read_image(tmp_path / "nope.png")
+
+
+def test_manifest_reports_bad_rows_by_line_and_reads_the_rest(tmp_path):
+    for name in ("a.png", "b.png", "c.png"):
+        Image.new("L", (8, 8)).save(tmp_path / name)
+    path = tmp_path / "labels.csv"
+    path.write_text(
+        "\ufeffpatient,slice,hemorrhage,brain\n"  # byte-order mark, as spreadsheets write
+        "1,1,1,a.png\n"
+        "1,2\n"  # short row
+        ",3,0,b.png\n"  # no patient
+        "2,x,0,b.png\n"  # bad slice number
+        "1,1,0,c.png\n"  # duplicate slice
+        "3,1,0,c.png\n",
+        encoding="utf-8",
+    )
+    ds = read_manifest(path)
+    assert [r.key for r in ds.records] == ["1/1", "3/1"]
+    assert [n.split(": ", 1)[1] for n in ds.notes] == [
+        "wrong number of fields; skipped",
+        "no patient ID; skipped",
+        "slice must be a whole number, got 'x'; skipped",
+        "patient 1 slice 1 listed twice; skipped",
+    ]
+    assert ds.notes[0].startswith(f"{path}:3:")
+
+
+def test_binary_file_as_manifest_is_a_clear_error(tmp_path):
+    path = tmp_path / "labels.csv"
+    path.write_bytes(b"\xff\xfe\x00\x81binary")
+    with pytest.raises(DataError, match="labels.csv"):
+        read_manifest(path)
+
+
+def test_16_bit_images_are_stretched_not_clipped(tmp_path):
+    a = np.linspace(0, 3000, 64 * 64).reshape(64, 64).astype(np.uint16)
+    Image.fromarray(a).save(tmp_path / "ct16.png")
+    img = read_image(tmp_path / "ct16.png")
+    assert img.min() == 0 and img.max() == pytest.approx(1) and 0.4 < img.mean() < 0.6
+
+
+def test_credit_follows_the_ct_ich_readme(tmp_path, synthetic_manifest):
+    assert read_manifest(synthetic_manifest).credit == ""
+    (synthetic_manifest.parent / "README.md").write_text("CT-ICH, doi:10.13026/w8q8-ky94")
+    assert read_manifest(synthetic_manifest).credit == CT_ICH_CREDIT

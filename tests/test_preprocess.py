@@ -70,3 +70,28 @@ def test_load_inputs_needs_every_window_of_the_mode(synthetic_manifest):
 def test_window_sizes_must_agree():
     with pytest.raises(DataError, match="differ in size"):
         prepare_slice({"brain": np.zeros((10, 10)), "bone": np.zeros((12, 12))}, Preprocessing(32, "brain-bone"))
+
+
+def test_2_5d_stacks_the_neighbouring_slices(synthetic_manifest):
+    ds = read_manifest(synthetic_manifest)
+    pre = Preprocessing(32, "2.5d", crop=False)
+    loaded = load_inputs(ds, pre)
+    gray = load_inputs(ds, Preprocessing(32, "gray", crop=False)).x
+    keys = [r.key for r in ds.records]
+    i = keys.index("0/3")  # slice 3 of patient 0 bleeds; slices 2 and 4 are its neighbours
+    assert np.array_equal(loaded.x[i, ..., 1], gray[i, ..., 0])
+    assert np.array_equal(loaded.x[i, ..., 0], gray[keys.index("0/2"), ..., 0])
+    assert np.array_equal(loaded.x[i, ..., 2], gray[keys.index("0/4"), ..., 0])
+    first = keys.index("0/1")  # no slice 0: the slice stands in for its missing neighbour
+    assert np.array_equal(loaded.x[first, ..., 0], loaded.x[first, ..., 1])
+
+
+def test_2_5d_needs_patients_and_slices(tmp_path):
+    from ichedge.data import read_class_folders
+    from PIL import Image
+
+    for cls in ("normal", "hemorrhagic"):
+        (tmp_path / cls).mkdir()
+        Image.new("L", (40, 40), 80).save(tmp_path / cls / "a.png")
+    with pytest.raises(DataError, match="2.5d needs patient IDs"):
+        load_inputs(read_class_folders(tmp_path), Preprocessing(32, "2.5d"))

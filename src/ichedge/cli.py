@@ -10,6 +10,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from ichedge.data import DataError
+from ichedge.preprocess import CHANNEL_MODES
 
 
 def _config_args(p: argparse.ArgumentParser, single: bool) -> None:
@@ -20,7 +21,8 @@ def _config_args(p: argparse.ArgumentParser, single: bool) -> None:
     if single:
         p.add_argument("--size", type=int, default=d.size, help="input resolution rho (square)")
         p.add_argument("--alpha", type=float, default=d.alpha, help="MobileNetV2 width multiplier")
-    p.add_argument("--channels", choices=("gray", "brain-bone"), default=d.channels)
+    p.add_argument("--channels", choices=CHANNEL_MODES, default=d.channels,
+                   help="gray: brain window x3; brain-bone: brain, bone, mean; 2.5d: slices below, at, above")
     p.add_argument("--no-crop", dest="crop", action="store_false", help="keep the full frame (default: crop to the head)")
     p.add_argument("--neurons", type=int, default=d.neurons)
     p.add_argument("--dropout", type=float, default=d.dropout)
@@ -109,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", module="keras")  # framework chatter, not about the user's data
     try:
         return args.func(args)
-    except (DataError, FileNotFoundError, ValueError) as exc:
+    except (DataError, OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

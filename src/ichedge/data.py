@@ -12,12 +12,12 @@ import csv
 import logging
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
 log = logging.getLogger(__name__)
@@ -27,6 +27,7 @@ POSITIVE_FOLDERS = {"hemorrhagic", "hemorrhage", "haemorrhagic", "ich", "positiv
 NEGATIVE_FOLDERS = {"normal", "negative", "no_hemorrhage", "healthy"}
 SPLIT_FOLDERS = {"train", "training", "test", "testing", "val", "valid", "validation"}
 
+CT_ICH_DOI = "10.13026/w8q8-ky94"
 CT_ICH_CREDIT = (
     'CT-ICH: "Computed Tomography Images for Intracranial Hemorrhage Detection and '
     'Segmentation" v1.0.0, Hssayeni M.D., Croock M.S., Al-Ani A., Al-khafaji H.F., Yahya Z.A., '
@@ -84,9 +85,6 @@ class Dataset:
             return np.array([r.patient for r in self.records])
         return np.arange(len(self.records)).astype(str)
 
-    def subset(self, indices: Sequence[int]) -> Dataset:
-        return replace(self, records=[self.records[i] for i in indices])
-
     def summary(self) -> str:
         y = self.labels
         patients = len(set(self.groups)) if self.has_patients else "unknown"
@@ -109,50 +107,65 @@ def load_bundled(windows: Sequence[str] = ("brain",)) -> Dataset:
     return ds
 
 
+def _parse_row(row: dict, windows: Sequence[str], root: Path) -> Record:
+    """One manifest row as a record; ValueError says what is wrong with it."""
+    if None in row.values() or None in row:
+        raise ValueError("wrong number of fields")
+    label = row["hemorrhage"].strip()
+    if label not in ("0", "1"):
+        raise ValueError(f"hemorrhage must be 0 or 1, got {label!r}")
+    patient = row["patient"].strip()
+    if not patient:
+        raise ValueError("no patient ID")
+    empty = [w for w in windows if not row[w].strip()]
+    if empty:
+        raise ValueError(f"no {'/'.join(empty)} image")
+    slice_no = (row.get("slice") or "").strip()
+    try:
+        number = int(slice_no) if slice_no else None
+    except ValueError:
+        raise ValueError(f"slice must be a whole number, got {slice_no!r}") from None
+    return Record({w: root / row[w].strip() for w in windows}, int(label), patient, number)
+
+
 def read_manifest(path: str | Path, windows: Sequence[str] = ("brain",)) -> Dataset:
     """Read a CSV manifest laid out as CT-ICH's labels.csv.
 
     Required columns: ``hemorrhage`` (0/1), ``patient`` and one image-path column per requested
-    window (``brain``, ``bone``), relative to the CSV's folder. ``slice`` is optional. A row
-    whose image for a requested window is missing is reported and left out.
+    window (``brain``, ``bone``), relative to the CSV's folder. ``slice`` is optional. A bad row
+    is reported with its line number and left out; the rest is read.
     """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: manifest not found")
-    root = path.parent
-    with path.open(newline="") as fh:
-        reader = csv.DictReader(fh)
-        columns = set(reader.fieldnames or [])
-        missing = {"hemorrhage", "patient", *windows} - columns
-        if missing:
-            raise DataError(f"{path}: missing column(s) {', '.join(sorted(missing))}")
-        records, notes = [], []
-        for line, row in enumerate(reader, start=2):
-            try:
-                label = int(row["hemorrhage"])
-                if label not in (0, 1):
-                    raise ValueError
-            except ValueError:
-                notes.append(f"{path}:{line}: hemorrhage must be 0 or 1, got {row['hemorrhage']!r}; skipped")
-                continue
-            empty = [w for w in windows if not (row[w] or "").strip()]
-            if empty:
-                notes.append(f"{path}:{line}: no {'/'.join(empty)} image; skipped")
-                continue
-            slice_no = row.get("slice")
-            records.append(
-                Record(
-                    images={w: root / row[w] for w in windows},
-                    label=label,
-                    patient=str(row["patient"]).strip(),
-                    slice=int(slice_no) if slice_no not in (None, "") else None,
-                )
-            )
+    records, notes, seen = [], [], set()
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as fh:  # -sig: spreadsheet exports
+            reader = csv.DictReader(fh)
+            missing = {"hemorrhage", "patient", *windows} - set(reader.fieldnames or [])
+            if missing:
+                raise DataError(f"{path}: missing column(s) {', '.join(sorted(missing))}")
+            for line, row in enumerate(reader, start=2):
+                try:
+                    record = _parse_row(row, windows, path.parent)
+                    if record.slice is not None and (record.patient, record.slice) in seen:
+                        raise ValueError(f"patient {record.patient} slice {record.slice} listed twice")
+                except ValueError as exc:
+                    notes.append(f"{path}:{line}: {exc}; skipped")
+                    continue
+                seen.add((record.patient, record.slice))
+                records.append(record)
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(f"{path}: not a readable CSV manifest ({exc})") from None
     for note in notes:
         log.warning(note)
     if not records:
         raise DataError(f"{path}: no usable rows")
-    return Dataset(records, name=path.parent.name, windows=tuple(windows), notes=notes)
+    ds = Dataset(records, name=path.parent.name, windows=tuple(windows), notes=notes)
+    readme = path.parent / "README.md"
+    if readme.is_file() and CT_ICH_DOI in readme.read_text(errors="ignore"):
+        ds.credit = CT_ICH_CREDIT
+    return ds
 
 
 def _class_of(folder: str) -> int | None:
@@ -199,16 +212,12 @@ def read_dataset(path: str | Path | None, windows: Sequence[str] = ("brain",)) -
         return load_bundled(windows)
     path = Path(path)
     if path.is_file():
-        ds = read_manifest(path, windows)
-    elif (path / "labels.csv").is_file():
-        ds = read_manifest(path / "labels.csv", windows)
-    else:
-        if tuple(windows) != ("brain",):
-            raise DataError(f"{path}: class-folder layouts have one image per slice; use one window")
-        ds = read_class_folders(path)
-    if (path / "README.md").is_file() and "CC BY" in (path / "README.md").read_text(errors="ignore"):
-        ds.credit = CT_ICH_CREDIT
-    return ds
+        return read_manifest(path, windows)
+    if (path / "labels.csv").is_file():
+        return read_manifest(path / "labels.csv", windows)
+    if tuple(windows) != ("brain",):
+        raise DataError(f"{path}: class-folder layouts have one image per slice; use one window")
+    return read_class_folders(path)
 
 
 # --- splits -----------------------------------------------------------------------------------
@@ -221,9 +230,6 @@ class Split:
     train: np.ndarray
     val: np.ndarray
     test: np.ndarray
-
-    def to_json(self) -> dict[str, list[int]]:
-        return {k: getattr(self, k).tolist() for k in ("train", "val", "test")}
 
 
 def _leak_warning(ds: Dataset) -> None:
@@ -285,12 +291,21 @@ def check_no_patient_overlap(ds: Dataset, split: Split) -> None:
 
 
 def read_image(path: Path) -> np.ndarray:
-    """One grayscale image as float32 in [0, 1]; a clear DataError for anything unreadable."""
+    """One grayscale image as float32 in [0, 1]; a clear DataError for anything unreadable.
+
+    8-bit images map 0..255 to 0..1. 16-bit and float images (exports of raw CT values) are
+    stretched from their own minimum to maximum, since their value range is not known here;
+    Hounsfield-unit data belongs in DICOM, where windows are exact.
+    """
     try:
         with Image.open(path) as im:
             im.load()
+            if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+                a = np.asarray(im, dtype=np.float32)
+                lo, hi = float(a.min()), float(a.max())
+                return (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
             return np.asarray(im.convert("L"), dtype=np.float32) / 255.0
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise DataError(f"{path}: not a readable image ({exc})") from None
+    except Exception as exc:  # PIL raises many types (incl. decompression bombs): all mean unusable
+        raise DataError(f"{path}: not a readable image ({type(exc).__name__}: {exc})") from None

@@ -22,14 +22,14 @@ def _ratio(a: float, b: float) -> float:
 def binary_metrics(y: np.ndarray, p: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
     """All slice-level metrics at one threshold (hemorrhage = 1 is the positive class)."""
     y = np.asarray(y).astype(int)
-    p = np.clip(np.asarray(p, dtype=np.float64), 1e-7, 1 - 1e-7)
+    p = np.asarray(p, dtype=np.float64)
     pred = (p >= threshold).astype(int)
     tn, fp, fn, tp = confusion_matrix(y, pred, labels=[0, 1]).ravel()
     both = len(set(y.tolist())) == 2
     return {
         "threshold": float(threshold),
         "n": int(len(y)),
-        "loss": float(log_loss(y, p, labels=[0, 1])),
+        "loss": float(log_loss(y, np.clip(p, 1e-7, 1 - 1e-7), labels=[0, 1])),
         "accuracy": _ratio(tp + tn, len(y)),
         "tp_rate": _ratio(tp, tp + fn),
         "fp_rate": _ratio(fp, fp + tn),
@@ -56,7 +56,7 @@ def threshold_for_sensitivity(y: np.ndarray, p: np.ndarray, target: float = 0.95
     y = np.asarray(y).astype(int)
     if y.sum() == 0:
         raise ValueError("no positive cases to set a sensitivity threshold on")
-    _, tpr, thresholds = roc_curve(y, p)
+    _, tpr, thresholds = roc_curve(y, p, drop_intermediate=False)
     ok = np.nonzero(tpr >= target)[0]
     return float(min(thresholds[ok[0]], 1.0))
 
@@ -74,7 +74,10 @@ def evaluate_split(
 
 
 def summarise_folds(folds: Sequence[Mapping[str, Mapping[str, float]]]) -> dict[str, dict[str, dict[str, float]]]:
-    """Mean and sample sd of every metric over folds: {operating point: {metric: {mean, sd}}}."""
+    """Mean, sample sd and count of every metric over folds, leaving out undefined (NaN) values.
+
+    Returns {operating point: {metric: {mean, sd, n}}}; sd is NaN with fewer than two values.
+    """
     out: dict[str, dict[str, dict[str, float]]] = {}
     for point in folds[0]:
         out[point] = {}
@@ -82,8 +85,8 @@ def summarise_folds(folds: Sequence[Mapping[str, Mapping[str, float]]]) -> dict[
             values = np.array([f[point][metric] for f in folds], dtype=float)
             values = values[~np.isnan(values)]  # e.g. PPV of a fold that flagged nothing
             mean = float(values.mean()) if len(values) else float("nan")
-            sd = float(values.std(ddof=1)) if len(values) > 1 else 0.0
-            out[point][metric] = {"mean": mean, "sd": sd}
+            sd = float(values.std(ddof=1)) if len(values) > 1 else float("nan")
+            out[point][metric] = {"mean": mean, "sd": sd, "n": int(len(values))}
     return out
 
 

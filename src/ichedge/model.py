@@ -63,7 +63,7 @@ def _bundled(alpha: float, size: int) -> Path | None:
     folder = Path(str(resources.files("ichedge") / "weights"))
     found = sorted(
         (abs(rows - size), path)
-        for rows in KERAS_ROWS + (224,)
+        for rows in KERAS_ROWS
         if (path := folder / weights_filename(alpha, rows)).is_file()
     )
     return found[0][1] if found else None

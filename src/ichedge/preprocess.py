@@ -20,8 +20,8 @@ from ichedge.data import DataError, Dataset, Record, read_image
 
 log = logging.getLogger(__name__)
 
-CHANNEL_MODES = ("gray", "brain-bone")
-WINDOWS_FOR_MODE = {"gray": ("brain",), "brain-bone": ("brain", "bone")}
+CHANNEL_MODES = ("gray", "brain-bone", "2.5d")
+WINDOWS_FOR_MODE = {"gray": ("brain",), "brain-bone": ("brain", "bone"), "2.5d": ("brain",)}
 
 
 @dataclass(frozen=True)
@@ -76,26 +76,58 @@ def _resize(image: np.ndarray, size: int) -> np.ndarray:
 
 def prepare_slice(windows: dict[str, np.ndarray], pre: Preprocessing) -> np.ndarray:
     """Window images (float [0, 1], same shape) to one uint8 model input (size, size, 3)."""
-    brain = windows["brain"]
     shapes = {w.shape for w in windows.values()}
     if len(shapes) != 1:
         raise DataError(f"window images differ in size: {sorted(shapes)}")
-    if pre.crop:
-        t, l, b, r = head_box(brain)
+    if pre.crop:  # one box, from the brain window of the slice itself, for every plane
+        t, l, b, r = head_box(windows["brain"])
         windows = {k: v[t:b, l:r] for k, v in windows.items()}
-    planes = [_resize(windows[w], pre.size) for w in pre.windows]
+    brain = windows["brain"]
     if pre.channels == "gray":
-        planes = planes * 3
-    else:
+        planes = [_resize(brain, pre.size)] * 3
+    elif pre.channels == "brain-bone":
+        planes = [_resize(windows[w], pre.size) for w in ("brain", "bone")]
         planes.append((planes[0] + planes[1]) / 2)
+    else:  # 2.5d: the slices above and below as the outer channels, as the RSNA 2019 winners did
+        planes = [_resize(windows[w], pre.size) for w in ("previous", "brain", "next")]
     return np.clip(np.stack(planes, axis=-1) * 255.0 + 0.5, 0, 255).astype(np.uint8)
 
 
-def load_record(record: Record, pre: Preprocessing) -> np.ndarray:
+def load_record(record: Record, pre: Preprocessing, neighbours: tuple[Record, Record] | None = None) -> np.ndarray:
+    """One record as model input; 2.5d mode also needs the records of the slices around it."""
     missing = [w for w in pre.windows if w not in record.images]
     if missing:
         raise DataError(f"{record.path}: no {'/'.join(missing)} image for channel mode {pre.channels}")
-    return prepare_slice({w: read_image(record.images[w]) for w in pre.windows}, pre)
+    windows = {w: read_image(record.images[w]) for w in pre.windows}
+    if pre.channels == "2.5d":
+        if neighbours is None:
+            raise DataError(f"{record.path}: channel mode 2.5d needs the neighbouring slices")
+        for name, other in zip(("previous", "next"), neighbours):
+            windows[name] = _neighbour_image(record, other, windows["brain"])
+    try:
+        return prepare_slice(windows, pre)
+    except DataError as exc:
+        raise DataError(f"{record.path}: {exc}") from None
+
+
+def _neighbour_image(record: Record, other: Record, own: np.ndarray) -> np.ndarray:
+    """A neighbouring slice's brain window; the slice's own if that one is missing or unreadable."""
+    if other is record:
+        return own
+    try:
+        image = read_image(other.images["brain"])
+    except DataError as exc:
+        log.warning("%s: neighbour unusable, the slice stands in for it (%s)", record.path, exc)
+        return own
+    return image if image.shape == own.shape else own
+
+
+def neighbour_records(ds: Dataset) -> list[tuple[Record, Record]]:
+    """For each record, the records of the slices just below and above (itself at the ends)."""
+    if not ds.has_patients or any(r.slice is None for r in ds.records):
+        raise DataError(f"{ds.name}: channel mode 2.5d needs patient IDs and slice numbers")
+    by_key = {(r.patient, r.slice): r for r in ds.records}
+    return [(by_key.get((r.patient, r.slice - 1), r), by_key.get((r.patient, r.slice + 1), r)) for r in ds.records]
 
 
 @dataclass
@@ -113,10 +145,11 @@ def load_inputs(ds: Dataset, pre: Preprocessing, indices: Sequence[int] | None =
     from tqdm.auto import tqdm
 
     idx = range(len(ds)) if indices is None else indices
+    around = neighbour_records(ds) if pre.channels == "2.5d" else None
     xs, kept, errors = [], [], []
     for i in tqdm(idx, desc="loading images", disable=not progress, leave=False):
         try:
-            xs.append(load_record(ds.records[i], pre))
+            xs.append(load_record(ds.records[i], pre, around[i] if around else None))
             kept.append(i)
         except DataError as exc:
             errors.append(str(exc))

@@ -10,17 +10,16 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from ichedge.data import Dataset, kfold_splits, train_val_test_split
+from ichedge.data import Dataset, check_no_patient_overlap, kfold_splits, train_val_test_split
 from ichedge.evaluation import summarise_folds
 from ichedge.preprocess import load_inputs
 from ichedge.training import (
-    TrainConfig, compute_features, finish_run_dir, fit, new_run_dir, remap_split, write_run,
+    TrainConfig, finish_run_dir, fit, new_run_dir, remap_split, write_run,
 )
 
 log = logging.getLogger(__name__)
@@ -36,17 +35,21 @@ PAPER_RESULTS: dict[tuple[int, float], dict[str, float]] = {
 }
 PAPER_GRID: tuple[tuple[int, float], ...] = tuple(PAPER_RESULTS)
 RATE_COLUMNS = ("accuracy", "fp_rate", "tp_rate", "fn_rate", "tn_rate")
+RATE_NAMES = {"accuracy": "accuracy", "fp_rate": "FP", "tp_rate": "TP", "fn_rate": "FN", "tn_rate": "TN"}
 
 
 def parse_grid(text: str) -> list[tuple[int, float]]:
     """``"96x0.35,160x0.5"`` -> [(96, 0.35), (160, 0.5)]."""
-    grid = []
+    grid: list[tuple[int, float]] = []
     for item in filter(None, (s.strip() for s in text.split(","))):
         try:
             size, alpha = item.lower().split("x")
-            grid.append((int(size), float(alpha)))
+            entry = (int(size), float(alpha))
         except ValueError:
             raise ValueError(f"grid item {item!r} is not SIZExALPHA, e.g. 96x0.35") from None
+        if entry in grid:
+            raise ValueError(f"grid item {item!r} is listed twice")
+        grid.append(entry)
     if not grid:
         raise ValueError("empty grid")
     return grid
@@ -82,6 +85,8 @@ def run_sweep(
     cross-validation, every fold's test patients unseen in its training.
     """
     splits = [train_val_test_split(dataset, seed=seed)] if folds == 1 else kfold_splits(dataset, folds, seed)
+    for split in splits:
+        check_no_patient_overlap(dataset, split)
     tmp, final = new_run_dir(Path(runs_root), f"sweep-{folds}fold" if folds > 1 else "sweep")
     results: list[ConfigResult] = []
     try:
@@ -97,8 +102,7 @@ def run_sweep(
             for k, split in enumerate(splits):
                 local = remap_split(split, inputs.indices)
                 result = fit(config, inputs, local, features=features, progress=progress)
-                if result.weights.pretrained and features is None and config.fine_tune_epochs == 0:
-                    features = compute_features(result.model, inputs.x)  # frozen: same for all folds
+                features = result.features  # the frozen backbone's: the same for every fold
                 name = f"{config.name}" + (f"-fold{k}" if folds > 1 else "")
                 write_run(tmp / name, config, dataset, inputs, local, result)
                 runs.append(name)
@@ -114,7 +118,11 @@ def run_sweep(
         write_tables(tmp, results, dataset, folds)
         return finish_run_dir(tmp, final), results
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        # Keep the finished runs: an interrupted sweep of an hour is still worth reading.
+        if results:
+            write_tables(tmp, results, dataset, folds)
+        kept = finish_run_dir(tmp, final.with_name(final.name + "-incomplete"))
+        log.error("sweep stopped early; finished runs kept in %s", kept)
         raise
 
 
@@ -135,7 +143,11 @@ def _fmt(stat: dict[str, float], percent: bool, folds: int) -> str:
     scale = 100 if percent else 1
     digits = 1 if percent else 3
     text = f"{stat['mean'] * scale:.{digits}f}"
-    return text + (f" ± {stat['sd'] * scale:.{digits}f}" if folds > 1 else "")
+    if folds > 1:
+        text += f" ± {stat['sd'] * scale:.{digits}f}"
+        if stat["n"] < folds:  # some folds left it undefined (e.g. PPV with nothing flagged)
+            text += f" (n={stat['n']})"
+    return text
 
 
 def table_rows(results: Sequence[ConfigResult], folds: int) -> list[dict[str, str]]:
@@ -148,12 +160,10 @@ def table_rows(results: Sequence[ConfigResult], folds: int) -> list[dict[str, st
                "training": r.training}
         row["paper loss"] = f"{paper['loss']:.2f}" if paper else "-"
         for c in RATE_COLUMNS:
-            row[f"paper {c.replace('_rate', '').upper() if c != 'accuracy' else 'accuracy'}"] = (
-                f"{paper[c]:.1f}%" if paper else "-"
-            )
+            row[f"paper {RATE_NAMES[c]}"] = f"{paper[c]:.1f}%" if paper else "-"
         row["loss"] = _fmt(d["loss"], False, folds)
         for c in RATE_COLUMNS:
-            row[c.replace("_rate", "").upper() if c != "accuracy" else "accuracy"] = _fmt(d[c], True, folds) + "%"
+            row[RATE_NAMES[c]] = _fmt(d[c], True, folds) + "%"
         row["AUC"] = _fmt(d["auc"], False, folds)
         row["hs threshold"] = _fmt(hs["threshold"], False, folds)
         row["hs sensitivity"] = _fmt(hs["sensitivity"], True, folds) + "%"

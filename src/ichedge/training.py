@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from ichedge import __version__
-from ichedge.data import Dataset, Split, check_no_patient_overlap
+from ichedge.data import DataError, Dataset, Split, check_no_patient_overlap
 from ichedge.evaluation import evaluate_split, plot_confusion, plot_history, plot_roc
 from ichedge.model import Weights, build_model, feature_extractor, resolve_weights
 from ichedge.preprocess import Loaded, Preprocessing, load_inputs
@@ -56,6 +56,22 @@ class TrainConfig:
     target_sensitivity: float = 0.95
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        checks = {
+            "epochs must be at least 1": self.epochs >= 1,
+            "fine_tune_epochs must be 0 or more": self.fine_tune_epochs >= 0,
+            "learning rates must be positive": self.learning_rate > 0 and self.fine_tune_lr > 0,
+            "batch_size must be at least 1": self.batch_size >= 1,
+            "neurons must be at least 1": self.neurons >= 1,
+            "dropout must be in [0, 1)": 0 <= self.dropout < 1,
+            "alpha must be positive": self.alpha > 0,
+            "target_sensitivity must be in (0, 1]": 0 < self.target_sensitivity <= 1,
+        }
+        failed = [text for text, ok in checks.items() if not ok]
+        if failed:
+            raise ValueError("; ".join(failed))
+        self.preprocessing  # validates size and channel mode
+
     @property
     def preprocessing(self) -> Preprocessing:
         return Preprocessing(size=self.size, channels=self.channels, crop=self.crop)
@@ -79,6 +95,7 @@ class TrainResult:
     probabilities: dict[str, np.ndarray]
     labels: dict[str, np.ndarray]
     seconds: dict[str, float] = field(default_factory=dict)
+    features: np.ndarray | None = None  # the frozen backbone's, reusable by other folds
 
 
 # --- inputs ------------------------------------------------------------------------------------
@@ -156,10 +173,10 @@ def fit(
     ``split`` indexes ``inputs.x``. ``features``, if given, are the frozen backbone's pooled
     features of ``inputs.x`` (reused across folds of a cross-validation).
     """
-    keras.utils.set_random_seed(config.seed)
+    x, y = inputs.x, inputs.y
+    check_split_usable(y, split)
     weights = resolve_weights(config.alpha, config.size, config.weights)
     model = build_model(config.alpha, config.size, weights, config.neurons, config.dropout, config.seed)
-    x, y = inputs.x, inputs.y
     tr, va, te = split.train, split.val, split.test
     cw = class_weights(y[tr]) if config.class_weight else None
     history: dict[str, list] = {}
@@ -167,6 +184,8 @@ def fit(
 
     backbone = model.get_layer("backbone")
     head = model.get_layer("head")
+    if weights.pretrained and config.fine_tune_epochs:
+        _first_layer(backbone, config.fine_tune_from)  # a typo fails now, not after the frozen phase
     if weights.pretrained:
         start = time.perf_counter()
         if features is None:
@@ -184,31 +203,42 @@ def fit(
         if config.fine_tune_epochs > 0:
             start = time.perf_counter()
             unfreeze_top(backbone, config.fine_tune_from)
-            steps = config.fine_tune_epochs * int(np.ceil(len(tr) / config.batch_size))
-            _compile(model, keras.optimizers.schedules.CosineDecay(config.fine_tune_lr, steps))
-            h = model.fit(
-                _image_batches(x[tr], y[tr], config.batch_size, config.seed, config.augment),
-                validation_data=(x[va].astype("float32"), y[va]), epochs=config.fine_tune_epochs,
-                class_weight=cw, verbose=0, callbacks=_progress(progress), shuffle=False,
-            )
-            _append(history, h.history, "fine-tune")
+            _fit_images(model, config, inputs, split, config.fine_tune_epochs, config.fine_tune_lr, cw, progress, history, "fine-tune")
             seconds["fine_tune"] = time.perf_counter() - start
     else:
         start = time.perf_counter()
-        steps = config.epochs * int(np.ceil(len(tr) / config.batch_size))
-        _compile(model, keras.optimizers.schedules.CosineDecay(config.learning_rate, steps))
-        h = model.fit(
-            _image_batches(x[tr], y[tr], config.batch_size, config.seed, config.augment),
-            validation_data=(x[va].astype("float32"), y[va]), epochs=config.epochs,
-            class_weight=cw, verbose=0, callbacks=_progress(progress), shuffle=False,
-        )
-        _append(history, h.history, "from-scratch")
+        _fit_images(model, config, inputs, split, config.epochs, config.learning_rate, cw, progress, history, "from-scratch")
         seconds["from_scratch"] = time.perf_counter() - start
 
     probs = {part: predict_probabilities(model, x[idx]) for part, idx in (("val", va), ("test", te))}
     labels = {"val": y[va], "test": y[te]}
     metrics = evaluate_split(labels["val"], probs["val"], labels["test"], probs["test"], config.target_sensitivity)
-    return TrainResult(model, weights, history, metrics, probs, labels, seconds)
+    return TrainResult(model, weights, history, metrics, probs, labels, seconds, features)
+
+
+def _fit_images(
+    model: keras.Model, config: TrainConfig, inputs: Loaded, split: Split, epochs: int, lr: float,
+    cw: dict[int, float] | None, progress: bool, history: dict[str, list], phase: str,
+) -> None:
+    """Train ``model`` end to end on augmented images with a cosine-decayed rate."""
+    steps = epochs * int(np.ceil(len(split.train) / config.batch_size))
+    _compile(model, keras.optimizers.schedules.CosineDecay(lr, steps))
+    data = _image_batches(inputs.x[split.train], inputs.y[split.train], config.batch_size, config.seed, config.augment)
+    h = model.fit(
+        data, validation_data=(inputs.x[split.val].astype("float32"), inputs.y[split.val]), epochs=epochs,
+        class_weight=cw, verbose=0, callbacks=_progress(progress), shuffle=False,
+    )
+    _append(history, h.history, phase)
+
+
+def check_split_usable(y: np.ndarray, split: Split) -> None:
+    """Fail before training when a part is empty or validation/test lack a class."""
+    for name in ("train", "val", "test"):
+        part = y[getattr(split, name)]
+        if len(part) == 0:
+            raise DataError(f"the {name} split is empty (too few readable images or patients)")
+        if len(set(part.tolist())) < 2:
+            raise DataError(f"the {name} split has only one class; use more patients or another seed")
 
 
 def unfreeze_top(backbone: keras.Model, first_layer_prefix: str) -> None:
@@ -216,14 +246,18 @@ def unfreeze_top(backbone: keras.Model, first_layer_prefix: str) -> None:
 
     Batch-norm layers stay frozen: their running statistics and scales come from ImageNet.
     """
-    names = [layer.name for layer in backbone.layers]
-    starts = [i for i, n in enumerate(names) if n.startswith(first_layer_prefix)]
-    if not starts:
-        raise ValueError(f"no backbone layer starts with {first_layer_prefix!r}")
+    first = _first_layer(backbone, first_layer_prefix)
     backbone.trainable = True
     for i, layer in enumerate(backbone.layers):
         is_bn = isinstance(layer, keras.layers.BatchNormalization)
-        layer.trainable = i >= starts[0] and not is_bn
+        layer.trainable = i >= first and not is_bn
+
+
+def _first_layer(backbone: keras.Model, prefix: str) -> int:
+    for i, layer in enumerate(backbone.layers):
+        if layer.name.startswith(prefix):
+            return i
+    raise ValueError(f"no backbone layer starts with {prefix!r}")
 
 
 def predict_probabilities(model: keras.Model, x: np.ndarray, batch: int = 64) -> np.ndarray:
@@ -250,11 +284,21 @@ def new_run_dir(root: Path, name: str) -> tuple[Path, Path]:
 
 
 def finish_run_dir(tmp: Path, final: Path) -> Path:
-    """Move a completed run folder into place in one rename, so no half-written run is seen."""
-    if final.exists():
-        raise FileExistsError(f"{final}: exists already; refusing to overwrite a run")
-    os.rename(tmp, final)
-    return final
+    """Move a completed run folder into place in one rename, so no half-written run is seen.
+
+    If another run took the name meanwhile, the next free ``-N`` name is used: nothing is
+    overwritten and the finished run is kept.
+    """
+    target, n = final, 1
+    while True:
+        try:
+            target.mkdir()  # claims the name atomically; rename then replaces the empty folder
+        except FileExistsError:
+            n += 1
+            target = final.with_name(f"{final.name}-{n}")
+            continue
+        os.rename(tmp, target)
+        return target
 
 
 def write_run(
@@ -266,7 +310,7 @@ def write_run(
     result: TrainResult,
 ) -> None:
     """Write config, model, history, metrics and plots of one run into folder ``out``."""
-    (out / "plots").mkdir(parents=True, exist_ok=True)
+    (out / "plots").mkdir(parents=True)
     records = [dataset.records[i] for i in inputs.indices]
     meta = {
         "ichedge_version": __version__,
