@@ -14,9 +14,13 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $@
 
-# The main job: the best paper configuration on the bundled CT-ICH, one patient-level split.
+# The main job on the bundled CT-ICH: train and evaluate the best paper configuration with
+# ImageNet weights on one patient-level split, then export it for microcontrollers and profile it.
 demo: setup
 	$(BIN)/ichedge train --size 160 --alpha 0.35 --runs $(RUNS)
+	run=$$(ls -td $(RUNS)/*-160px-a0.35-gray/ | head -n 1) && \
+	$(BIN)/ichedge export $$run && \
+	$(BIN)/ichedge profile $$run
 
 test: setup
 	$(BIN)/python -m pytest -q

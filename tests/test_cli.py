@@ -84,3 +84,15 @@ def test_an_interrupted_sweep_keeps_its_finished_runs(tmp_path, monkeypatch):
 def test_duplicate_grid_entries_are_refused():
     with pytest.raises(ValueError, match="listed twice"):
         parse_grid("96x0.35,96x0.35")
+
+
+def test_sweep_profile_adds_the_edge_columns(tmp_path):
+    data = write_manifest(tmp_path / "data", patients=12)
+    assert main(["sweep", "--data", str(data), "--grid", "32x0.35", "--epochs", "2", "--profile",
+                 "--runs", str(tmp_path / "runs"), "--quiet"]) == 0
+    (sweep,) = (tmp_path / "runs").iterdir()
+    (row,) = list(csv.DictReader((sweep / "results.csv").open()))
+    flash = (sweep / "32px-a0.35-gray" / "export" / "model_int8.tflite").stat().st_size
+    assert row["flash KiB (int8)"] == f"{flash / 1024:.1f}"
+    assert float(row["RAM KiB (TFLM arena)"]) > 0 and float(row["int8 ms"]) > 0
+    assert 0 <= float(row["AUC int8"]) <= 1

@@ -83,3 +83,16 @@ def test_model_outputs_probabilities_from_pixels():
     p = model.predict(x, verbose=0)
     assert p.shape == (2, 1) and np.all((p > 0) & (p < 1))
     assert feature_extractor(model).predict(x, verbose=0).shape == (2, 1280)
+
+
+def test_trim_drops_the_last_wide_convolution_and_keeps_imagenet_weights():
+    w = resolve_weights(0.35, 96)
+    full = build_model(0.35, 96, w)
+    trimmed = build_model(0.35, 96, w, trim=True)
+    assert feature_extractor(trimmed).output_shape == (None, 112)  # 320 * 0.35 channels
+    # Conv_1 (112 -> 1280, 1x1, no bias) and its batch norm, and a smaller head
+    saved = 112 * 1280 + 4 * 1280 + (1280 - 112) * 8
+    assert full.count_params() - trimmed.count_params() == saved
+    a = full.get_layer("backbone").get_layer("block_16_project").kernel.numpy()
+    b = trimmed.get_layer("backbone").get_layer("block_16_project").kernel.numpy()
+    assert np.array_equal(a, b)

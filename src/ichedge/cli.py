@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ichedge.data import DataError
 from ichedge.preprocess import CHANNEL_MODES
+from ichedge.tflm import TFLMError
 
 
 def _config_args(p: argparse.ArgumentParser, single: bool) -> None:
@@ -24,6 +25,8 @@ def _config_args(p: argparse.ArgumentParser, single: bool) -> None:
     p.add_argument("--channels", choices=CHANNEL_MODES, default=d.channels,
                    help="gray: brain window x3; brain-bone: brain, bone, mean; 2.5d: slices below, at, above")
     p.add_argument("--no-crop", dest="crop", action="store_false", help="keep the full frame (default: crop to the head)")
+    p.add_argument("--trim", action="store_true",
+                   help="drop the backbone's last 1x1 conv (1280 channels): about a third smaller at alpha 0.35")
     p.add_argument("--neurons", type=int, default=d.neurons)
     p.add_argument("--dropout", type=float, default=d.dropout)
     p.add_argument("--epochs", type=int, default=d.epochs)
@@ -83,9 +86,28 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     grid = parse_grid(args.grid) if args.grid else list(PAPER_GRID)
     ds = _dataset(args, config)
     out, _ = run_sweep(config, ds, grid, folds=args.folds, seed=config.seed, runs_root=args.runs,
-                       progress=not args.quiet)
+                       progress=not args.quiet, profile=args.profile)
     print((out / "results.md").read_text())
     print(f"sweep folder: {out}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from ichedge.export import export_run
+
+    result = export_run(args.run, calibration_images=args.calibration_images)
+    for name, path in result.files.items():
+        print(f"{name:>9}: {path} ({path.stat().st_size / 1024:.1f} KiB)")
+    print(f"model card: {result.folder / 'model_card.md'}")
+    return 0
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    from ichedge.profiling import latest_export, format_profile, profile_run
+
+    profile = profile_run(args.run, args.export, runs=args.runs_latency)
+    print(format_profile(profile))
+    print(f"profile: {Path(args.export or latest_export(args.run)) / 'profile.json'}")
     return 0
 
 
@@ -100,7 +122,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", help="SIZExALPHA list, e.g. 96x0.35,160x0.5 (default: the paper's five)")
     p.add_argument("--cv", type=int, nargs="?", const=5, default=1, metavar="K", dest="folds",
                    help="patient-grouped K-fold cross-validation, mean ± sd (K = 5 if not given; default: one split)")
+    p.add_argument("--profile", action="store_true",
+                   help="export and profile each configuration (first fold): flash, arena, latency, int8 AUC")
     p.set_defaults(func=cmd_sweep)
+    p = sub.add_parser("export", help="write float32 and int8 .tflite, a C array and a model card for a run")
+    p.add_argument("run", type=Path, help="run folder")
+    p.add_argument("--calibration-images", type=int, default=200, help="training-split images for int8 calibration")
+    p.set_defaults(func=cmd_export)
+    p = sub.add_parser("profile", help="parameters, MACs, flash, TFLM arena, latency and int8-vs-float accuracy")
+    p.add_argument("run", type=Path, help="run folder (exported)")
+    p.add_argument("--export", type=Path, help="export folder (default: the run's latest)")
+    p.add_argument("--runs-latency", type=int, default=50, help="timed inferences after warm-up (at least 50)")
+    p.set_defaults(func=cmd_profile)
     return parser
 
 
@@ -111,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", module="keras")  # framework chatter, not about the user's data
     try:
         return args.func(args)
-    except (DataError, OSError, ValueError) as exc:
+    except (DataError, TFLMError, OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -67,6 +67,7 @@ class Dataset:
     credit: str = ""
     has_patients: bool = True
     notes: list[str] = field(default_factory=list)
+    source: str = "bundled"  # what read_dataset() reopens it from: a path, or "bundled"
 
     def __len__(self) -> int:
         return len(self.records)
@@ -104,6 +105,7 @@ def load_bundled(windows: Sequence[str] = ("brain",)) -> Dataset:
     ds = read_manifest(bundled_path() / "labels.csv", windows=windows)
     ds.name = "CT-ICH (bundled, 160x160)"
     ds.credit = CT_ICH_CREDIT
+    ds.source = "bundled"
     return ds
 
 
@@ -161,7 +163,7 @@ def read_manifest(path: str | Path, windows: Sequence[str] = ("brain",)) -> Data
         log.warning(note)
     if not records:
         raise DataError(f"{path}: no usable rows")
-    ds = Dataset(records, name=path.parent.name, windows=tuple(windows), notes=notes)
+    ds = Dataset(records, name=path.parent.name, windows=tuple(windows), notes=notes, source=str(path.resolve()))
     readme = path.parent / "README.md"
     if readme.is_file() and CT_ICH_DOI in readme.read_text(errors="ignore"):
         ds.credit = CT_ICH_CREDIT
@@ -200,7 +202,7 @@ def read_class_folders(root: str | Path) -> Dataset:
         )
     if len({r.label for r in records}) < 2:
         raise DataError(f"{root}: found only one class; need normal and hemorrhagic folders")
-    return Dataset(records, name=root.name, windows=("brain",), has_patients=False)
+    return Dataset(records, name=root.name, windows=("brain",), has_patients=False, source=str(root.resolve()))
 
 
 def read_dataset(path: str | Path | None, windows: Sequence[str] = ("brain",)) -> Dataset:
@@ -208,7 +210,7 @@ def read_dataset(path: str | Path | None, windows: Sequence[str] = ("brain",)) -
 
     A folder holding ``labels.csv`` is read as a manifest, any other folder as class folders.
     """
-    if path is None:
+    if path is None or str(path) == "bundled":
         return load_bundled(windows)
     path = Path(path)
     if path.is_file():

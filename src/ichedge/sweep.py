@@ -64,6 +64,7 @@ class ConfigResult:
     runs: list[str]
     seconds: float
     phase_seconds: list[dict[str, float]]
+    profile: dict | None = None
 
     @property
     def summary(self) -> dict:
@@ -78,11 +79,13 @@ def run_sweep(
     seed: int = 0,
     runs_root: Path = Path("runs"),
     progress: bool = True,
+    profile: bool = False,
 ) -> tuple[Path, list[ConfigResult]]:
     """Train every (size, alpha) of ``grid`` on the same patient-level split(s).
 
     ``folds == 1`` uses one train/validation/test split; ``folds > 1`` patient-grouped k-fold
-    cross-validation, every fold's test patients unseen in its training.
+    cross-validation, every fold's test patients unseen in its training. ``profile`` exports
+    and profiles each configuration's first run (flash, TFLM arena, latency, int8 accuracy).
     """
     splits = [train_val_test_split(dataset, seed=seed)] if folds == 1 else kfold_splits(dataset, folds, seed)
     for split in splits:
@@ -98,13 +101,15 @@ def run_sweep(
                 loaded = {pre: load_inputs(dataset, pre, progress=progress)}
             inputs = loaded[pre]
             started = time.perf_counter()
-            features, fold_metrics, runs, phases = None, [], [], []
+            features, fold_metrics, runs, phases, measured = None, [], [], [], None
             for k, split in enumerate(splits):
                 local = remap_split(split, inputs.indices)
                 result = fit(config, inputs, local, features=features, progress=progress)
                 features = result.features  # the frozen backbone's: the same for every fold
                 name = f"{config.name}" + (f"-fold{k}" if folds > 1 else "")
                 write_run(tmp / name, config, dataset, inputs, local, result)
+                if profile and k == 0:
+                    measured = _export_and_profile(tmp / name)
                 runs.append(name)
                 fold_metrics.append(result.metrics)
                 phases.append(result.seconds)
@@ -112,7 +117,7 @@ def run_sweep(
             results.append(
                 ConfigResult(
                     config, _weights_label(result.weights), _training_label(config, result.weights.pretrained),
-                    fold_metrics, runs, time.perf_counter() - started, phases,
+                    fold_metrics, runs, time.perf_counter() - started, phases, measured,
                 )
             )
         write_tables(tmp, results, dataset, folds)
@@ -169,8 +174,32 @@ def table_rows(results: Sequence[ConfigResult], folds: int) -> list[dict[str, st
         row["hs sensitivity"] = _fmt(hs["sensitivity"], True, folds) + "%"
         row["hs specificity"] = _fmt(hs["specificity"], True, folds) + "%"
         row["train s"] = f"{r.seconds:.0f}"
+        if r.profile:
+            row.update(profile_columns(r.profile))
         rows.append(row)
     return rows
+
+
+def _export_and_profile(run: Path) -> dict:
+    from ichedge.export import export_run
+    from ichedge.profiling import profile_run
+
+    return profile_run(run, export_run(run).folder)
+
+
+def profile_columns(p: dict) -> dict[str, str]:
+    acc = p["accuracy"]
+    return {
+        "params": f"{p['parameters']:,}",
+        "MMACs": f"{p['macs'] / 1e6:.1f}",
+        "flash KiB (int8)": f"{p['flash_bytes'] / 1024:.1f}",
+        "RAM KiB (TFLM arena)": f"{p['tflm_arena_bytes'] / 1024:.1f}",
+        "int8 ms": f"{p['latency_ms']['int8']['median']:.2f}",
+        "float32 ms": f"{p['latency_ms']['float32']['median']:.2f}",
+        "AUC float32": f"{acc['float32']['auc']:.3f}",
+        "AUC int8": f"{acc['int8']['auc']:.3f}",
+        "AUC int8 (TFLM kernels)": f"{acc['int8_reference']['auc']:.3f}",
+    }
 
 
 def write_tables(out: Path, results: Sequence[ConfigResult], dataset: Dataset, folds: int) -> None:
@@ -199,4 +228,4 @@ def write_tables(out: Path, results: Sequence[ConfigResult], dataset: Dataset, f
     (out / "results.md").write_text("\n".join(lines) + "\n")
     (out / "results.json").write_text(json.dumps(
         [{"config": r.config.to_json(), "weights": r.weights, "training": r.training, "runs": r.runs,
-          "seconds": r.seconds, "phase_seconds": r.phase_seconds, "summary": r.summary, "folds": r.folds} for r in results], indent=2))
+          "seconds": r.seconds, "phase_seconds": r.phase_seconds, "profile": r.profile, "summary": r.summary, "folds": r.folds} for r in results], indent=2))

@@ -44,6 +44,7 @@ class TrainConfig:
     crop: bool = True
     neurons: int = 8
     dropout: float = 0.1
+    trim: bool = False
     epochs: int = 10
     learning_rate: float = 1e-3
     batch_size: int = 32
@@ -78,7 +79,7 @@ class TrainConfig:
 
     @property
     def name(self) -> str:
-        return f"{self.size}px-a{self.alpha:g}-{self.channels}"
+        return f"{self.size}px-a{self.alpha:g}-{self.channels}" + ("-trim" if self.trim else "")
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -176,7 +177,7 @@ def fit(
     x, y = inputs.x, inputs.y
     check_split_usable(y, split)
     weights = resolve_weights(config.alpha, config.size, config.weights)
-    model = build_model(config.alpha, config.size, weights, config.neurons, config.dropout, config.seed)
+    model = build_model(config.alpha, config.size, weights, config.neurons, config.dropout, config.seed, config.trim)
     tr, va, te = split.train, split.val, split.test
     cw = class_weights(y[tr]) if config.class_weight else None
     history: dict[str, list] = {}
@@ -321,6 +322,8 @@ def write_run(
         "class_names": ["normal", "hemorrhage"],
         "dataset": {
             "name": dataset.name,
+            "source": dataset.source,
+            "windows": list(dataset.windows),
             "summary": dataset.summary(),
             "credit": dataset.credit,
             "split_by": "patient" if dataset.has_patients else "image (no patient IDs: patients may leak)",

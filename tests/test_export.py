@@ -1,0 +1,132 @@
+"""Export, LiteRT prediction, TFLM agreement and the arena search, on a tiny trained run."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from ichedge.data import read_manifest, train_val_test_split
+from ichedge.export import c_array, export_run
+from ichedge.predict import Predictor, read_run_config, split_inputs
+from ichedge.profiling import count_macs, profile_run
+from ichedge.tflm import TFLMCrash, TFLMError, _unsupported_op, find_arena, run_tflm
+from ichedge.training import TrainConfig, train
+from tests.conftest import write_manifest
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A 32x32, alpha-0.35 run on synthetic slices: small enough to export in seconds."""
+    root = tmp_path_factory.mktemp("tiny")
+    ds = read_manifest(write_manifest(root / "data", patients=12))
+    run, _ = train(TrainConfig(size=32, alpha=0.35, epochs=3), ds, train_val_test_split(ds, test=0.25, val=0.25),
+                   root / "runs", progress=False)
+    return run
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_run):
+    return export_run(tiny_run, calibration_images=20)
+
+
+def test_c_array_is_aligned_and_exact():
+    header, source = c_array(bytes([0, 1, 254, 255]), "model_int8")
+    assert "extern const unsigned char model_int8[];" in header
+    assert "alignas(16) const unsigned char model_int8[]" in source
+    assert "0x00, 0x01, 0xfe, 0xff" in source and "model_int8_len = 4;" in source
+
+
+def test_export_writes_every_artefact_and_a_truthful_card(exported):
+    folder, card = exported.folder, exported.card
+    assert folder.name == "export"
+    assert {p.name for p in folder.iterdir()} >= {
+        "model_float32.tflite", "model_int8.tflite", "model_int8.h", "model_int8.cc", "model_card.json", "model_card.md"}
+    q = card["quantization"]
+    assert q["input"]["dtype"] == "int8" and q["output"]["dtype"] == "int8"
+    assert q["input"]["shape"] == [1, 32, 32, 3]
+    assert card["preprocessing"]["size"] == 32
+    from ichedge.model import sha256
+
+    for entry in card["files"].values():
+        assert sha256(folder / entry["name"]) == entry["sha256"]
+    source = (folder / "model_int8.cc").read_text()
+    assert f"model_int8_len = {(folder / 'model_int8.tflite').stat().st_size};" in source
+    assert "Data credit" in (folder / "model_card.md").read_text()
+
+
+def test_a_second_export_never_overwrites_the_first(tiny_run, exported):
+    before = (exported.folder / "model_int8.tflite").read_bytes()
+    again = export_run(tiny_run, calibration_images=20)
+    assert again.folder.name == "export-2"
+    assert (exported.folder / "model_int8.tflite").read_bytes() == before
+
+
+def test_litert_predictors_agree_with_keras(tiny_run, exported):
+    meta = read_run_config(tiny_run)
+    x = split_inputs(meta, "test").x
+    keras_p = Predictor.load(tiny_run).predict(x)
+    float_p = Predictor.load(exported.files["float32"]).predict(x)
+    int8 = Predictor.load(exported.files["int8"])
+    assert int8.kind == "tflite-int8"
+    assert np.allclose(float_p, keras_p, atol=1e-4)
+    assert np.abs(int8.predict(x) - keras_p).max() < 0.1  # a few int8 steps of 1/256
+
+
+def test_tflm_matches_litert_int8_and_finds_the_smallest_arena(exported):
+    model = exported.files["int8"]
+    arena = find_arena(model)
+    assert run_tflm(model, arena).ok
+    assert not run_tflm(model, arena - 1024).ok
+    int8 = Predictor.load(model)
+    x = np.random.default_rng(0).integers(0, 256, (6, 32, 32, 3)).astype(np.uint8)
+    reference = Predictor.load(model, reference_kernels=True)
+    run = run_tflm(model, arena, int8.quantize(x))
+    assert np.abs(run.outputs.reshape(-1).astype(int) - reference.raw(x).astype(int)).max() <= 2
+
+
+def test_macs_of_a_known_model(exported):
+    # MobileNetV2 alpha 0.35 at 32x32 has ~1/49 of its 224x224 MACs (~59 M): a few hundred thousand
+    macs = count_macs(exported.files["int8"])
+    assert 0.8e6 < macs < 2.0e6
+
+
+def test_profile_reports_every_figure(tiny_run, exported):
+    p = profile_run(tiny_run, exported.folder, runs=50, tflm_images=4)
+    assert p["flash_bytes"] == exported.files["int8"].stat().st_size
+    assert p["tflm_arena_bytes"] > 0 and p["tflm_agreement"]["max_abs_diff_vs_litert_reference"] <= 2
+    assert p["latency_ms"]["int8"]["runs"] == 50 and p["latency_ms"]["int8"]["median"] > 0
+    assert set(p["accuracy"]) == {"keras", "float32", "int8", "int8_reference"}
+    assert json.loads((exported.folder / "profile.json").read_text())["macs"] == p["macs"]
+
+
+def test_a_crashing_tflm_child_becomes_a_clear_error(tmp_path, monkeypatch):
+    import ichedge.tflm as tflm
+
+    real_run = subprocess.run
+
+    def abort_child(cmd, **kwargs):
+        return real_run([sys.executable, "-c", "import os; os.abort()"], **kwargs)
+
+    monkeypatch.setattr(tflm.subprocess, "run", abort_child)
+    model = tmp_path / "m.tflite"
+    model.write_bytes(b"\0" * 16)
+    with pytest.raises(TFLMCrash, match="crashed \\(SIGABRT\\)"):
+        run_tflm(model, 4096)
+
+
+def test_missing_operator_is_named():
+    log = "Didn't find op for builtin opcode 'HARD_SWISH' version '1'"
+    assert _unsupported_op(log) == "HARD_SWISH"
+
+
+def test_garbage_model_is_never_reported_as_running(tmp_path):
+    model = tmp_path / "garbage.tflite"
+    model.write_bytes(b"not a flatbuffer at all" * 10)
+    try:
+        run = run_tflm(model, 8192)
+    except TFLMError as exc:
+        assert "garbage.tflite" in str(exc)
+    else:
+        assert not run.ok and run.error
