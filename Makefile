@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 RUNS ?= runs
 
-.PHONY: setup demo test sweep cv bench clean-venv
+.PHONY: setup demo test sweep cv bench ablation clean-venv
 
 setup: $(VENV)/.installed
 
@@ -25,15 +25,18 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -q
 
-# The paper's five configurations, one split, and with 5 patient-grouped folds (README tables).
+# The paper's five configurations, one split (PROFILE=1 adds the edge profile) and 5 patient-grouped folds.
 sweep: setup
-	$(BIN)/ichedge sweep --runs $(RUNS) --quiet
+	$(BIN)/ichedge sweep --runs $(RUNS) --quiet $(if $(PROFILE),--profile)
 
 cv: setup
 	$(BIN)/ichedge sweep --cv --runs $(RUNS) --quiet
 
 bench: setup
 	$(BIN)/python bench/bench_sweep.py
+
+ablation: setup
+	$(BIN)/python bench/ablation_features.py
 
 clean-venv:
 	rm -rf $(VENV)

@@ -130,3 +130,15 @@ def test_garbage_model_is_never_reported_as_running(tmp_path):
         assert "garbage.tflite" in str(exc)
     else:
         assert not run.ok and run.error
+
+
+def test_predictor_load_names_what_is_wrong(tmp_path):
+    from ichedge.data import DataError
+
+    with pytest.raises(DataError, match="not a run folder"):
+        Predictor.load(tmp_path)
+    (tmp_path / "m.tflite").write_bytes(b"x")
+    with pytest.raises(DataError, match="no model_card.json"):
+        Predictor.load(tmp_path / "m.tflite")
+    with pytest.raises(DataError, match="not a run folder, .keras or .tflite"):
+        Predictor.load(tmp_path / "notes.txt")
