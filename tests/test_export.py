@@ -142,3 +142,23 @@ def test_predictor_load_names_what_is_wrong(tmp_path):
         Predictor.load(tmp_path / "m.tflite")
     with pytest.raises(DataError, match="not a run folder, .keras or .tflite"):
         Predictor.load(tmp_path / "notes.txt")
+
+
+def test_a_model_that_crashes_xnnpack_falls_back_to_builtin_kernels(exported, monkeypatch):
+    import ichedge.predict as predict
+
+    monkeypatch.setattr(predict, "xnnpack_allocates", lambda path: False)
+    int8 = Predictor.load(exported.files["int8"])
+    assert int8.kind == "tflite-int8-builtin"
+    x = np.random.default_rng(1).integers(0, 256, (3, 32, 32, 3)).astype(np.uint8)
+    reference = Predictor.load(exported.files["int8"], reference_kernels=True)
+    assert np.abs(int8.raw(x).astype(int) - reference.raw(x).astype(int)).max() <= 2
+
+
+def test_xnnpack_probe_survives_a_crashing_child(tmp_path, monkeypatch):
+    import ichedge.predict as predict
+
+    real_run = subprocess.run
+    monkeypatch.setattr(predict.subprocess, "run",
+                        lambda cmd, **kw: real_run([sys.executable, "-c", "import os; os.abort()"], **kw))
+    assert predict.xnnpack_allocates(tmp_path / "any.tflite") is False

@@ -9,6 +9,9 @@ folder has it in ``config.json``, an exported ``.tflite`` in the ``model_card.js
 from __future__ import annotations
 
 import json
+import logging
+import subprocess
+import sys
 from abc import ABC, abstractmethod
 from pathlib import Path
 
@@ -16,6 +19,8 @@ import numpy as np
 
 from ichedge.data import DataError, read_dataset
 from ichedge.preprocess import Loaded, Preprocessing, load_inputs
+
+log = logging.getLogger(__name__)
 
 
 def read_run_config(run_dir: str | Path) -> dict:
@@ -40,6 +45,18 @@ def split_inputs(meta: dict, part: str) -> Loaded:
     if missing:
         raise DataError(f"{info['source']}: {len(missing)} image(s) of the run's {part} split are gone, e.g. {missing[0]}")
     return load_inputs(ds, preprocessing_of(meta), [position[k] for k in wanted])
+
+
+def xnnpack_allocates(path: Path) -> bool:
+    """Whether LiteRT's default (XNNPACK) path can allocate ``path``, tried in a child process.
+
+    ai-edge-litert 2.3.0 aborts the whole process ("double free or corruption") when XNNPACK
+    allocates the int8 alpha-0.05 MobileNetV2, so the first try must not be in this one.
+    """
+    code = ("import sys; from ai_edge_litert.interpreter import Interpreter; "
+            "Interpreter(model_path=sys.argv[1], num_threads=1).allocate_tensors()")
+    proc = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, timeout=120)
+    return proc.returncode == 0
 
 
 class Predictor(ABC):
@@ -100,14 +117,21 @@ class LiteRTPredictor(Predictor):
 
         if not path.is_file():
             raise DataError(f"{path}: model file not found")
-        resolver = OpResolverType.BUILTIN_REF if reference_kernels else OpResolverType.AUTO
+        self.xnnpack = not reference_kernels and xnnpack_allocates(path)
+        if reference_kernels:
+            resolver = OpResolverType.BUILTIN_REF
+        elif self.xnnpack:
+            resolver = OpResolverType.AUTO
+        else:
+            log.warning("%s: LiteRT's XNNPACK delegate crashes on this model; using the builtin kernels", path)
+            resolver = OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
         self.interpreter = Interpreter(model_path=str(path), num_threads=num_threads,
                                        experimental_op_resolver_type=resolver)
         self.interpreter.allocate_tensors()
         self.input = self.interpreter.get_input_details()[0]
         self.output = self.interpreter.get_output_details()[0]
         self.kind = ("tflite-int8" if self.input["dtype"] == np.int8 else "tflite-float32") + (
-            "-reference" if reference_kernels else "")
+            "-reference" if reference_kernels else "" if self.xnnpack else "-builtin")
         self.preprocessing = preprocessing
         self.source = path
 

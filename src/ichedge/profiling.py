@@ -98,6 +98,7 @@ def profile_run(run_dir: str | Path, export_dir: str | Path | None = None, runs:
         "tflm_arena_bytes": arena,
         "tflm_agreement": tflm_agreement(int8, int8_ref, test.x[:tflm_images], arena),
         "latency_ms": {"int8": latency_ms(int8, test.x[0], runs), "float32": latency_ms(flt, test.x[0], runs)},
+        "litert_default_kernels": "XNNPACK" if int8.xnnpack else "builtin (XNNPACK crashed on this model)",
         "accuracy": accuracy,
         "int8_auc_drop": accuracy["float32"]["auc"] - min(accuracy["int8"]["auc"], accuracy["int8_reference"]["auc"]),
     }
@@ -126,7 +127,7 @@ def format_profile(p: dict) -> str:
         f"  flash (int8 model): {p['flash_bytes'] / 1024:.1f} KiB   RAM (TFLM arena): {p['tflm_arena_bytes'] / 1024:.1f} KiB",
         f"  TFLM vs LiteRT int8 outputs on {p['tflm_agreement']['images']} test images, max difference in int8 steps: "
         f"{p['tflm_agreement']['max_abs_diff_vs_litert_reference']} vs reference kernels, "
-        f"{p['tflm_agreement']['max_abs_diff_vs_litert_default']} vs default (XNNPACK) kernels",
+        f"{p['tflm_agreement']['max_abs_diff_vs_litert_default']} vs default kernels ({p['litert_default_kernels']})",
         f"  host latency, LiteRT 1 thread, median: int8 {p['latency_ms']['int8']['median']:.2f} ms, "
         f"float32 {p['latency_ms']['float32']['median']:.2f} ms",
         f"  test AUC: Keras {acc['keras']['auc']:.3f}, float32 {acc['float32']['auc']:.3f}, int8 {acc['int8']['auc']:.3f} "
