@@ -137,7 +137,7 @@ def _progress(enabled: bool) -> list[keras.callbacks.Callback]:
         return []
     from tqdm.keras import TqdmCallback
 
-    return [TqdmCallback(verbose=1, leave=False)]
+    return [TqdmCallback(verbose=0, leave=False)]  # one bar over the epochs, with the metrics
 
 
 def _compile(model: keras.Model, lr: float | keras.optimizers.schedules.LearningRateSchedule) -> None:
