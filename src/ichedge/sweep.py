@@ -109,7 +109,9 @@ def run_sweep(
                 name = f"{config.name}" + (f"-fold{k}" if folds > 1 else "")
                 write_run(tmp / name, config, dataset, inputs, local, result)
                 if profile and k == 0:
+                    profiling_started = time.perf_counter()
                     measured = _export_and_profile(tmp / name)
+                    started += time.perf_counter() - profiling_started  # "train s" stays training time
                 runs.append(name)
                 fold_metrics.append(result.metrics)
                 phases.append(result.seconds)
