@@ -78,3 +78,76 @@ def real_subset(tmp_path_factory: pytest.TempPathFactory) -> Path:
             for r in by_patient[p]:
                 w.writerow({**r, "brain": str(root / r["brain"]), "bone": str(root / r["bone"]) if r["bone"] else ""})
     return out
+
+
+# --- synthetic DICOM ----------------------------------------------------------------------------
+
+PHI = {"PatientName": "DOE^JANE", "PatientID": "PID-8841-XYZ", "PatientBirthDate": "19470312"}
+
+
+def ct_phantom(rng: np.random.Generator, bleed: bool, size: int = 64) -> np.ndarray:
+    """A head in HU: air -1000, skull 1000, brain 35, and a 70 HU blob where it bleeds."""
+    yy, xx = np.mgrid[:size, :size]
+    r = np.hypot(yy - size / 2, xx - size / 2)
+    hu = np.full((size, size), -1000.0)
+    hu[r < size * 0.35] = 1000.0
+    hu[r < size * 0.30] = 35.0
+    if bleed:
+        by, bx = size / 2 + rng.uniform(-6, 6), size / 2 + rng.uniform(-6, 6)
+        hu[np.hypot(yy - by, xx - bx) < size * 0.09] = 70.0
+    return hu + rng.normal(0, 3, hu.shape)
+
+
+def write_ct_dicom(path: Path, hu: np.ndarray, *, z: float | None = 0.0, instance: int | None = 1,
+                   study: str = "1.2.826.0.1.3680043.8.498.1", series: str = "1.2.826.0.1.3680043.8.498.1.1",
+                   modality: str = "CT", slope: float = 1.0, intercept: float = -1024.0, pixels: bool = True) -> Path:
+    """One single-frame DICOM slice holding ``hu`` (stored as (HU - intercept) / slope), with PHI fields."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    uid = generate_uid()
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPInstanceUID = uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, uid
+    ds.Modality = modality
+    for k, v in PHI.items():
+        setattr(ds, k, v)
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+    if z is not None:
+        ds.ImagePositionPatient = [0.0, 0.0, z]
+        ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+    if instance is not None:
+        ds.InstanceNumber = instance
+    ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+    if pixels:
+        ds.Rows, ds.Columns = hu.shape
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.PixelData = np.round((hu - intercept) / slope).astype(np.int16).tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def write_dicom_manifest(root: Path, patients: int = 12, slices: int = 6, seed: int = 0) -> Path:
+    """A labels.csv with a ``dicom`` column: one synthetic CT series per patient, half of them bleed."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for p in range(patients):
+        for s in range(1, slices + 1):
+            bleed = p % 2 == 0 and s in (3, 4)
+            name = f"p{p:02d}/s{s:02d}.dcm"
+            write_ct_dicom(root / name, ct_phantom(rng, bleed), z=5.0 * s, instance=s,
+                           study=f"1.2.826.0.1.3680043.8.498.{p + 10}", series=f"1.2.826.0.1.3680043.8.498.{p + 10}.1")
+            rows.append({"patient": p, "slice": s, "hemorrhage": int(bleed), "dicom": name})
+    path = root / "labels.csv"
+    with path.open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return path
+

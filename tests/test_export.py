@@ -74,6 +74,15 @@ def test_litert_predictors_agree_with_keras(tiny_run, exported):
     assert np.abs(int8.predict(x) - keras_p).max() < 0.1  # a few int8 steps of 1/256
 
 
+def test_exported_model_carries_the_run_s_validated_decision(tiny_run, exported):
+    """The card's thresholds (slice, study aggregate and study threshold) are the run's."""
+    run_decision = Predictor.load(tiny_run).decision
+    assert run_decision.study_aggregate == "top3"
+    for kind in ("float32", "int8"):
+        assert Predictor.load(exported.files[kind]).decision == run_decision
+    assert "study:" in (exported.folder / "model_card.md").read_text()
+
+
 def test_tflm_matches_litert_int8_and_finds_the_smallest_arena(exported):
     model = exported.files["int8"]
     arena = find_arena(model)

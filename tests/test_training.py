@@ -73,7 +73,7 @@ def test_from_scratch_training_writes_a_complete_run(tmp_path):
     with (run / "history.csv").open() as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == 2 and {r["phase"] for r in rows} == {"from-scratch"}
-    assert set(result.metrics) == {"default", "high_sensitivity", "validation"}
+    assert set(result.metrics) == {"default", "high_sensitivity", "validation", "study_high_sensitivity"}
     assert not list((tmp_path / "runs").glob(".*")), "no temporary folder left behind"
 
 

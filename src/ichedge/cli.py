@@ -12,6 +12,7 @@ from pathlib import Path
 from ichedge.data import DataError
 from ichedge.preprocess import CHANNEL_MODES
 from ichedge.tflm import TFLMError
+from ichedge.triage import AGGREGATES
 
 
 def _config_args(p: argparse.ArgumentParser, single: bool) -> None:
@@ -23,7 +24,8 @@ def _config_args(p: argparse.ArgumentParser, single: bool) -> None:
         p.add_argument("--size", type=int, default=d.size, help="input resolution rho (square)")
         p.add_argument("--alpha", type=float, default=d.alpha, help="MobileNetV2 width multiplier")
     p.add_argument("--channels", choices=CHANNEL_MODES, default=d.channels,
-                   help="gray: brain window x3; brain-bone: brain, bone, mean; 2.5d: slices below, at, above")
+                   help="gray: brain window x3; brain-bone: brain, bone, mean; three-window: brain, "
+                        "subdural, bone (DICOM data); 2.5d: slices below, at, above")
     p.add_argument("--no-crop", dest="crop", action="store_false", help="keep the full frame (default: crop to the head)")
     p.add_argument("--trim", action="store_true",
                    help="drop the backbone's last 1x1 conv (1280 channels): about a third smaller at alpha 0.35")
@@ -39,6 +41,8 @@ def _config_args(p: argparse.ArgumentParser, single: bool) -> None:
     p.add_argument("--no-class-weight", dest="class_weight", action="store_false")
     p.add_argument("--weights", default=d.weights, help="'imagenet', 'random' or a Keras no-top weights file")
     p.add_argument("--target-sensitivity", type=float, default=d.target_sensitivity)
+    p.add_argument("--study-aggregate", default=d.study_aggregate, choices=AGGREGATES,
+                   help="slice probabilities to a study score (measured choice: top3, mean of the 3 highest)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--runs", type=Path, default=Path("runs"), help="folder that receives new run folders")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -75,6 +79,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"  at 0.5:   sensitivity {d['sensitivity']:.3f}  specificity {d['specificity']:.3f}")
     print(f"  at {hs['threshold']:.3f} (val sensitivity >= {config.target_sensitivity}): "
           f"sensitivity {hs['sensitivity']:.3f}  specificity {hs['specificity']:.3f}")
+    if "study_high_sensitivity" in result.metrics:
+        st = result.metrics["study_high_sensitivity"]
+        print(f"  patients ({st['n']}, {config.study_aggregate} of slices, threshold {st['threshold']:.3f}): "
+              f"AUC {st['auc']:.3f}  sensitivity {st['sensitivity']:.3f}  specificity {st['specificity']:.3f}")
     print(f"run folder: {run}")
     return 0
 
@@ -111,6 +119,34 @@ def cmd_profile(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    from ichedge.predict import Predictor, gather_sources, keras_model_path, prepare_sources, triage, write_triage
+
+    explain = "all" if args.explain_all else "flagged" if args.explain else "none"
+    predictor = Predictor.load(args.model)
+    explainer = None
+    if explain != "none":
+        import keras
+
+        from ichedge.explain import GradCAM
+
+        explainer = GradCAM(keras.models.load_model(keras_model_path(args.model)))
+    sources, missing = gather_sources(args.paths)
+    prepared = prepare_sources(sources, predictor.preprocessing)
+    prepared.errors[:0] = missing
+    result = triage(prepared, predictor, explain, explainer)
+    folder = write_triage(args.out, result, prepared, predictor)
+    d = predictor.decision
+    print(f"{len(result.slices)} slice(s) in {len(result.studies)} stud(ies); slice threshold {d.slice_threshold:.3f}, "
+          f"study: {d.study_aggregate} of slices >= {d.study_threshold:.3f}")
+    for rank, s in enumerate(result.studies, 1):
+        print(f"{rank:>3}. {'FLAG' if s.flagged else '    '} {s.score:.3f}  {s.study}  ({s.slices} slices)")
+    for e in result.errors:
+        print(f"  skipped: {e}")
+    print(f"worklist: {folder / 'worklist.csv'}")
+    return 0 if result.slices or not result.errors else 2
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ichedge", description="Intracranial hemorrhage detection on head CT for edge devices")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -134,6 +170,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--export", type=Path, help="export folder (default: the run's latest)")
     p.add_argument("--runs-latency", type=int, default=50, help="timed inferences after warm-up (at least 50)")
     p.set_defaults(func=cmd_profile)
+    p = sub.add_parser("predict", help="score PNG/JPEG slices and DICOM series; study worklist by urgency")
+    p.add_argument("paths", nargs="+", type=Path, help="image or DICOM files, or folders (searched recursively)")
+    p.add_argument("--model", type=Path, required=True, help="run folder, .keras, or exported .tflite")
+    p.add_argument("--explain", action="store_true", help="Grad-CAM overlay (PNG) of each flagged slice")
+    p.add_argument("--explain-all", action="store_true", help="Grad-CAM overlay of every slice")
+    p.add_argument("--out", type=Path, default=Path("runs"), help="folder that receives the new results folder")
+    p.set_defaults(func=cmd_predict)
     return parser
 
 

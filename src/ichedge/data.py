@@ -9,6 +9,7 @@ together; a layout without patient IDs falls back to image-level splits with a w
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import warnings
 from collections.abc import Iterator, Sequence
@@ -33,6 +34,9 @@ CT_ICH_CREDIT = (
     'Segmentation" v1.0.0, Hssayeni M.D., Croock M.S., Al-Ani A., Al-khafaji H.F., Yahya Z.A., '
     "PhysioNet, doi:10.13026/w8q8-ky94; licence CC BY 4.0."
 )
+
+
+DICOM_KEY = "dicom"  # a record whose image is a DICOM file: every window is computed from its HU
 
 
 class DataError(ValueError):
@@ -134,8 +138,9 @@ def read_manifest(path: str | Path, windows: Sequence[str] = ("brain",)) -> Data
     """Read a CSV manifest laid out as CT-ICH's labels.csv.
 
     Required columns: ``hemorrhage`` (0/1), ``patient`` and one image-path column per requested
-    window (``brain``, ``bone``), relative to the CSV's folder. ``slice`` is optional. A bad row
-    is reported with its line number and left out; the rest is read.
+    window (``brain``, ``bone``), relative to the CSV's folder; or instead a ``dicom`` column of
+    DICOM files, from whose HU every window (subdural too) is computed. ``slice`` is optional.
+    A bad row is reported with its line number and left out; the rest is read.
     """
     path = Path(path)
     if not path.is_file():
@@ -144,12 +149,14 @@ def read_manifest(path: str | Path, windows: Sequence[str] = ("brain",)) -> Data
     try:
         with path.open(newline="", encoding="utf-8-sig") as fh:  # -sig: spreadsheet exports
             reader = csv.DictReader(fh)
-            missing = {"hemorrhage", "patient", *windows} - set(reader.fieldnames or [])
+            columns = (DICOM_KEY,) if DICOM_KEY in (reader.fieldnames or []) else tuple(windows)
+            missing = {"hemorrhage", "patient", *columns} - set(reader.fieldnames or [])
             if missing:
-                raise DataError(f"{path}: missing column(s) {', '.join(sorted(missing))}")
+                hint = " (the subdural window needs HU: a 'dicom' column of DICOM files)" if "subdural" in missing else ""
+                raise DataError(f"{path}: missing column(s) {', '.join(sorted(missing))}{hint}")
             for line, row in enumerate(reader, start=2):
                 try:
-                    record = _parse_row(row, windows, path.parent)
+                    record = _parse_row(row, columns, path.parent)
                     if record.slice is not None and (record.patient, record.slice) in seen:
                         raise ValueError(f"patient {record.patient} slice {record.slice} listed twice")
                 except ValueError as exc:
@@ -292,15 +299,16 @@ def check_no_patient_overlap(ds: Dataset, split: Split) -> None:
 # --- images -----------------------------------------------------------------------------------
 
 
-def read_image(path: Path) -> np.ndarray:
+def read_image(path: Path, data: bytes | None = None) -> np.ndarray:
     """One grayscale image as float32 in [0, 1]; a clear DataError for anything unreadable.
 
     8-bit images map 0..255 to 0..1. 16-bit and float images (exports of raw CT values) are
     stretched from their own minimum to maximum, since their value range is not known here;
-    Hounsfield-unit data belongs in DICOM, where windows are exact.
+    Hounsfield-unit data belongs in DICOM, where windows are exact. ``data``, if given, holds
+    the file's bytes (an upload) and ``path`` only names it.
     """
     try:
-        with Image.open(path) as im:
+        with Image.open(io.BytesIO(data) if data is not None else path) as im:
             im.load()
             if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
                 a = np.asarray(im, dtype=np.float32)

@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import confusion_matrix, log_loss, roc_auc_score, roc_curve
 
+from ichedge.triage import group_labels, group_scores
+
 
 def _ratio(a: float, b: float) -> float:
     return float(a / b) if b else float("nan")
@@ -71,6 +73,26 @@ def evaluate_split(
         "high_sensitivity": binary_metrics(y_test, p_test, t),
         "validation": binary_metrics(y_val, p_val, t),
     }
+
+
+def evaluate_studies(
+    groups_val: Sequence[str], y_val: np.ndarray, p_val: np.ndarray,
+    groups_test: Sequence[str], y_test: np.ndarray, p_test: np.ndarray,
+    method: str, target_sensitivity: float,
+) -> dict[str, float]:
+    """Study-level (patient-level) test metrics: slices aggregated per study with ``method``.
+
+    A study is positive when any slice is; its threshold is chosen on the validation studies
+    for ``target_sensitivity``, as for slices.
+    """
+    def arrays(groups, y, p):
+        scores, labels = group_scores(groups, p, method), group_labels(groups, y)
+        keys = sorted(scores)
+        return np.array([labels[k] for k in keys]), np.array([scores[k] for k in keys])
+
+    yv, sv = arrays(groups_val, y_val, p_val)
+    yt, st = arrays(groups_test, y_test, p_test)
+    return binary_metrics(yt, st, threshold_for_sensitivity(yv, sv, target_sensitivity))
 
 
 def summarise_folds(folds: Sequence[Mapping[str, Mapping[str, float]]]) -> dict[str, dict[str, dict[str, float]]]:

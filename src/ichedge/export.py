@@ -23,6 +23,7 @@ from ichedge.data import DataError
 from ichedge.model import sha256
 from ichedge.predict import read_run_config, split_inputs
 from ichedge.training import finish_run_dir
+from ichedge.triage import study_decision
 
 
 @dataclass
@@ -150,6 +151,7 @@ def model_card(meta: dict, metrics: dict, int8_bytes: bytes, files: dict[str, Pa
             "default": 0.5,
             "high_sensitivity": metrics["high_sensitivity"]["threshold"],
             "high_sensitivity_target": config["target_sensitivity"],
+            **study_decision(config, metrics),
         },
         "quantization": quantization_of(int8_bytes) | {"calibration": f"{calibration} training-split images, seeded"},
         "weights": meta["weights"],
@@ -176,6 +178,8 @@ def model_card_markdown(card: dict) -> str:
         "", "## Decision thresholds",
         f"- 0.5 (default); {card['thresholds']['high_sensitivity']:.4f} for sensitivity >= "
         f"{card['thresholds']['high_sensitivity_target']} on the validation patients",
+        f"- study: {card['thresholds']['study']:.4f} on the {card['thresholds']['study_aggregate']} aggregate of "
+        "its slices' probabilities, chosen the same way on the validation patients",
         "", "## Training and test results (held-out patients, Keras model)",
         f"- data: {card['training']['dataset']}; split by {card['training']['split']}; sizes {card['training']['sizes']}",
         f"- weights: {card['weights']['source']} {card['weights'].get('note', '')}",

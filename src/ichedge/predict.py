@@ -1,24 +1,33 @@
-"""One way to get probabilities from any trained model: Keras, float LiteRT or int8 LiteRT.
+"""One way to get probabilities from any trained model, and from files to a triage worklist.
 
 :class:`Predictor` takes uint8 model inputs (as :mod:`ichedge.preprocess` makes them) and returns
 the probability of hemorrhage per image, whatever runs underneath; evaluation, profiling and
 later the service talk only to it. A model never travels without its preprocessing: a run
-folder has it in ``config.json``, an exported ``.tflite`` in the ``model_card.json`` beside it.
+folder has it in ``config.json``, an exported ``.tflite`` in the ``model_card.json`` beside it,
+with the thresholds the model was validated at (:class:`Decision`).
+
+:func:`prepare_sources` and :func:`triage` take PNG/JPEG slices and DICOM series to per-slice
+probabilities, study scores and an urgency-ordered worklist, with Grad-CAM heatmaps on request.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import shutil
 import subprocess
 import sys
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from ichedge.data import DataError, read_dataset
-from ichedge.preprocess import Loaded, Preprocessing, load_inputs
+from ichedge.data import DataError, read_dataset, read_image
+from ichedge.dicom import WINDOWS, CTSlice, is_dicom, order_series, read_ct_slice, window, windowed
+from ichedge.preprocess import Loaded, Preprocessing, load_inputs, prepare_slice
+from ichedge.triage import SliceResult, StudyResult, build_worklist, study_decision, write_worklist
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +56,48 @@ def split_inputs(meta: dict, part: str) -> Loaded:
     return load_inputs(ds, preprocessing_of(meta), [position[k] for k in wanted])
 
 
+@dataclass(frozen=True)
+class Decision:
+    """The thresholds a model was validated with: slices, and studies by an aggregate of slices."""
+
+    slice_threshold: float
+    study_threshold: float
+    study_aggregate: str
+    target_sensitivity: float
+
+    @staticmethod
+    def from_thresholds(t: dict) -> Decision:
+        """From a model card's ``thresholds``; cards made before study metrics flag a study
+        when any slice is flagged (maximum, at the slice threshold)."""
+        return Decision(float(t["high_sensitivity"]), float(t.get("study", t["high_sensitivity"])),
+                        t.get("study_aggregate", "max"), float(t["high_sensitivity_target"]))
+
+    @staticmethod
+    def of_run(run_dir: Path) -> Decision:
+        meta = read_run_config(run_dir)
+        metrics_path = Path(run_dir) / "metrics.json"
+        if not metrics_path.is_file():
+            raise DataError(f"{run_dir}: no metrics.json, so the model's validated thresholds are unknown")
+        metrics = json.loads(metrics_path.read_text())
+        return Decision.from_thresholds({"high_sensitivity": metrics["high_sensitivity"]["threshold"],
+                                         "high_sensitivity_target": meta["config"]["target_sensitivity"],
+                                         **study_decision(meta["config"], metrics)})
+
+
+def keras_model_path(path: str | Path) -> Path:
+    """The Keras model behind a run folder, a .keras file, or a .tflite exported from a run."""
+    path = Path(path)
+    if path.is_dir():
+        candidate = path / "model.keras"
+    elif path.suffix == ".keras":
+        candidate = path
+    else:  # RUN/export*/model_*.tflite
+        candidate = path.parent.parent / "model.keras"
+    if not candidate.is_file():
+        raise DataError(f"{path}: no Keras model found beside it (Grad-CAM needs the run folder's model.keras)")
+    return candidate
+
+
 def xnnpack_allocates(path: Path) -> bool:
     """Whether LiteRT's default (XNNPACK) path can allocate ``path``, tried in a child process.
 
@@ -65,6 +116,7 @@ class Predictor(ABC):
     kind: str
     preprocessing: Preprocessing
     source: Path
+    decision: Decision | None = None  # set by load() from the run folder or model card
 
     @abstractmethod
     def predict(self, x: np.ndarray) -> np.ndarray: ...
@@ -77,15 +129,21 @@ class Predictor(ABC):
         TensorFlow Lite Micro implements, instead of the optimised (XNNPACK) ones.
         """
         path = Path(path)
-        if path.is_dir():
-            return KerasPredictor(path / "model.keras", preprocessing_of(read_run_config(path)))
-        if path.suffix == ".keras":
-            return KerasPredictor(path, preprocessing_of(read_run_config(path.parent)))
+        predictor: Predictor
+        if path.is_dir() or path.suffix == ".keras":
+            run = path if path.is_dir() else path.parent
+            predictor = KerasPredictor(run / "model.keras" if path.is_dir() else path, preprocessing_of(read_run_config(run)))
+            if (run / "metrics.json").is_file():
+                predictor.decision = Decision.of_run(run)
+            return predictor
         if path.suffix == ".tflite":
-            card = path.parent / "model_card.json"
-            if not card.is_file():
+            card_path = path.parent / "model_card.json"
+            if not card_path.is_file():
                 raise DataError(f"{path}: no model_card.json beside it, so its preprocessing is unknown")
-            return LiteRTPredictor(path, preprocessing_of(json.loads(card.read_text())), num_threads, reference_kernels)
+            card = json.loads(card_path.read_text())
+            predictor = LiteRTPredictor(path, preprocessing_of(card), num_threads, reference_kernels)
+            predictor.decision = Decision.from_thresholds(card["thresholds"])
+            return predictor
         raise DataError(f"{path}: not a run folder, .keras or .tflite model")
 
 
@@ -160,3 +218,192 @@ class LiteRTPredictor(Predictor):
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         return self.dequantize(self.raw(x))
+
+
+# --- files to a worklist -------------------------------------------------------------------------
+
+PNG_MAGIC, JPEG_MAGIC = b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff"
+EXPLAIN_CHOICES = ("none", "flagged", "all")
+
+
+@dataclass
+class Source:
+    """One input file: its name (path or upload name) and, for uploads, its bytes."""
+
+    name: str
+    data: bytes | None = None
+
+    def head(self) -> bytes:
+        if self.data is not None:
+            return self.data[:132]
+        with open(self.name, "rb") as fh:
+            return fh.read(132)
+
+
+def file_kind(head: bytes) -> str | None:
+    """'dicom', 'image' or None, decided by content, never by the file name."""
+    if is_dicom(head):
+        return "dicom"
+    if head.startswith(PNG_MAGIC) or head.startswith(JPEG_MAGIC):
+        return "image"
+    return None
+
+
+def gather_sources(paths: Sequence[str | Path]) -> tuple[list[Source], list[str]]:
+    """Files given, and files in folders given (recursively, hidden ones left out)."""
+    sources, errors = [], []
+    for p in map(Path, paths):
+        if p.is_dir():
+            sources += [Source(str(f)) for f in sorted(p.rglob("*"))
+                        if f.is_file() and not any(part.startswith(".") for part in f.relative_to(p).parts)]
+        elif p.is_file():
+            sources.append(Source(str(p)))
+        else:
+            errors.append(f"{p}: not found")
+    return sources, errors
+
+
+@dataclass
+class Prepared:
+    """Model inputs of the readable slices, grouped into studies and ordered within them."""
+
+    files: list[str]
+    studies: list[str]
+    indices: list[int]
+    x: np.ndarray
+    errors: list[str]
+
+
+def prepare_sources(sources: Sequence[Source], pre: Preprocessing, image_study: str | None = None) -> Prepared:
+    """Read, window, group, order and preprocess files; each unusable file is reported, not fatal.
+
+    DICOM slices are grouped into series by their UIDs (named by hashes, never by patient
+    fields) and ordered along the patient axis. PNG/JPEG images are taken as brain-window
+    slices, one study per folder (or all in ``image_study``), in file-name order.
+    """
+    errors: list[str] = []
+    ct: list[CTSlice] = []
+    images: list[Source] = []
+    for src in sources:
+        try:
+            kind = file_kind(src.head())
+        except OSError as exc:
+            errors.append(f"{src.name}: unreadable ({exc.strerror or exc})")
+            continue
+        if kind is None:
+            errors.append(f"{src.name}: not a PNG, JPEG or DICOM file (judged by its content)")
+        elif kind == "dicom":
+            try:
+                ct.append(read_ct_slice(src.name, src.data))
+            except DataError as exc:
+                errors.append(str(exc))
+        else:
+            images.append(src)
+
+    files, studies, indices, xs = [], [], [], []
+
+    def add(name: str, study: str, index: int, windows: dict[str, np.ndarray]) -> None:
+        try:
+            xs.append(prepare_slice(windows, pre))
+        except DataError as exc:
+            errors.append(f"{name}: {exc}")
+            return
+        files.append(name)
+        studies.append(study)
+        indices.append(index)
+
+    for (study, series), members in order_series(ct).items():
+        names = pre.windows
+        for i, s in enumerate(members):
+            windows = windowed(s.hu, names)
+            if pre.channels == "2.5d":  # the series order gives the neighbours
+                windows["previous"] = window(members[max(i - 1, 0)].hu, *WINDOWS["brain"])
+                windows["next"] = window(members[min(i + 1, len(members) - 1)].hu, *WINDOWS["brain"])
+            add(str(s.path), f"{study}/{series}", i, windows)
+
+    if images and (pre.windows != ("brain",) or pre.channels == "2.5d"):
+        errors += [f"{src.name}: channel mode {pre.channels} needs DICOM input (HU or slice order); "
+                   "a PNG/JPEG is one brain-window image" for src in images]
+        images = []
+    counters: dict[str, int] = {}
+    for src in sorted(images, key=lambda s: s.name):
+        folder = image_study or str(Path(src.name).parent)
+        try:
+            image = read_image(Path(src.name), src.data)
+        except DataError as exc:
+            errors.append(str(exc))
+            continue
+        add(src.name, folder, counters.setdefault(folder, 0), {"brain": image})
+        counters[folder] += 1
+    x = np.stack(xs) if xs else np.zeros((0, pre.size, pre.size, 3), np.uint8)
+    return Prepared(files, studies, indices, x, errors)
+
+
+def safe_name(text: str) -> str:
+    """A file-name-safe version of a study name (which may be a folder path)."""
+    return "".join(c if c.isalnum() or c in "-." else "_" for c in text).strip("_.")[-80:] or "study"
+
+
+@dataclass
+class TriageResult:
+    """Per-slice results, the worklist and every file that could not be used."""
+
+    slices: list[SliceResult]
+    studies: list[StudyResult]
+    errors: list[str]
+    heatmaps: np.ndarray | None = None  # Grad-CAM per slice; rows not in `explained` are zeros
+    explained: np.ndarray | None = None  # indices of the slices that have a heatmap
+
+
+def triage(prepared: Prepared, predictor: Predictor, explain: str = "none", explainer=None) -> TriageResult:
+    """Score slices, aggregate studies at the model's validated thresholds, optionally explain.
+
+    ``explain`` is 'none', 'flagged' (heatmaps of slices over the slice threshold) or 'all';
+    it needs ``explainer``, an :class:`ichedge.explain.GradCAM` of the model's Keras version.
+    """
+    if explain not in EXPLAIN_CHOICES:
+        raise ValueError(f"explain must be one of {EXPLAIN_CHOICES}")
+    decision = predictor.decision
+    if decision is None:
+        raise DataError(f"{predictor.source}: no validated thresholds recorded with this model")
+    p = predictor.predict(prepared.x)
+    flagged = p >= decision.slice_threshold
+    slices = [SliceResult(f, s, i, float(q), bool(fl))
+              for f, s, i, q, fl in zip(prepared.files, prepared.studies, prepared.indices, p, flagged)]
+    heatmaps = chosen = None
+    if explain != "none":
+        if explainer is None:
+            raise ValueError("explanations need a GradCAM of the Keras model")
+        chosen = np.nonzero(flagged)[0] if explain == "flagged" else np.arange(len(p))
+        heatmaps = np.zeros(prepared.x.shape[:3], np.float32)
+        if len(chosen):
+            heatmaps[chosen] = explainer(prepared.x[chosen])[0]
+    studies = build_worklist(slices, decision.slice_threshold, decision.study_aggregate, decision.study_threshold)
+    return TriageResult(slices, studies, list(prepared.errors), heatmaps, chosen)
+
+
+def write_triage(out_root: Path, result: TriageResult, prepared: Prepared, predictor: Predictor) -> Path:
+    """A new folder under ``out_root``: slices.csv, worklist.csv/.json, errors.txt, heatmaps/."""
+    from ichedge.explain import save_overlay
+    from ichedge.training import finish_run_dir, new_run_dir
+
+    tmp, final = new_run_dir(Path(out_root), "predict")
+    try:
+        if result.explained is not None:
+            (tmp / "heatmaps").mkdir()
+            for k in result.explained:
+                s = result.slices[k]
+                s.heatmap = f"heatmaps/{safe_name(s.study)}_{s.index:04d}.png"
+                save_overlay(tmp / s.heatmap, prepared.x[k], result.heatmaps[k])
+        d = predictor.decision
+        meta = {"model": str(predictor.source), "kind": predictor.kind,
+                "preprocessing": predictor.preprocessing.to_json(),
+                "slice_threshold": d.slice_threshold, "study_threshold": d.study_threshold,
+                "study_aggregate": d.study_aggregate, "target_sensitivity": d.target_sensitivity,
+                "errors": result.errors}
+        write_worklist(tmp, result.slices, result.studies, meta)
+        (tmp / "errors.txt").write_text("".join(f"{e}\n" for e in result.errors))
+        return finish_run_dir(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

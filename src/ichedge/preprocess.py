@@ -16,12 +16,18 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from ichedge.data import DataError, Dataset, Record, read_image
+from ichedge.data import DICOM_KEY, DataError, Dataset, Record, read_image
+from ichedge.dicom import read_ct_slice, windowed
 
 log = logging.getLogger(__name__)
 
-CHANNEL_MODES = ("gray", "brain-bone", "2.5d")
-WINDOWS_FOR_MODE = {"gray": ("brain",), "brain-bone": ("brain", "bone"), "2.5d": ("brain",)}
+CHANNEL_MODES = ("gray", "brain-bone", "three-window", "2.5d")
+WINDOWS_FOR_MODE = {
+    "gray": ("brain",),
+    "brain-bone": ("brain", "bone"),
+    "three-window": ("brain", "subdural", "bone"),  # needs HU, i.e. DICOM input
+    "2.5d": ("brain",),
+}
 
 
 @dataclass(frozen=True)
@@ -88,17 +94,26 @@ def prepare_slice(windows: dict[str, np.ndarray], pre: Preprocessing) -> np.ndar
     elif pre.channels == "brain-bone":
         planes = [_resize(windows[w], pre.size) for w in ("brain", "bone")]
         planes.append((planes[0] + planes[1]) / 2)
+    elif pre.channels == "three-window":
+        planes = [_resize(windows[w], pre.size) for w in ("brain", "subdural", "bone")]
     else:  # 2.5d: the slices above and below as the outer channels, as the RSNA 2019 winners did
         planes = [_resize(windows[w], pre.size) for w in ("previous", "brain", "next")]
     return np.clip(np.stack(planes, axis=-1) * 255.0 + 0.5, 0, 255).astype(np.uint8)
 
 
+def record_windows(record: Record, names: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """The named window images of a record: from its window images, or computed from its DICOM."""
+    if DICOM_KEY in record.images:
+        return windowed(read_ct_slice(record.images[DICOM_KEY]).hu, names)
+    missing = [w for w in names if w not in record.images]
+    if missing:
+        raise DataError(f"{record.path}: no {'/'.join(missing)} image (a DICOM source gives every window)")
+    return {w: read_image(record.images[w]) for w in names}
+
+
 def load_record(record: Record, pre: Preprocessing, neighbours: tuple[Record, Record] | None = None) -> np.ndarray:
     """One record as model input; 2.5d mode also needs the records of the slices around it."""
-    missing = [w for w in pre.windows if w not in record.images]
-    if missing:
-        raise DataError(f"{record.path}: no {'/'.join(missing)} image for channel mode {pre.channels}")
-    windows = {w: read_image(record.images[w]) for w in pre.windows}
+    windows = record_windows(record, pre.windows)
     if pre.channels == "2.5d":
         if neighbours is None:
             raise DataError(f"{record.path}: channel mode 2.5d needs the neighbouring slices")
@@ -115,7 +130,7 @@ def _neighbour_image(record: Record, other: Record, own: np.ndarray) -> np.ndarr
     if other is record:
         return own
     try:
-        image = read_image(other.images["brain"])
+        image = record_windows(other, ("brain",))["brain"]
     except DataError as exc:
         log.warning("%s: neighbour unusable, the slice stands in for it (%s)", record.path, exc)
         return own

@@ -24,9 +24,10 @@ import numpy as np
 
 from ichedge import __version__
 from ichedge.data import DataError, Dataset, Split, check_no_patient_overlap
-from ichedge.evaluation import evaluate_split, plot_confusion, plot_history, plot_roc
+from ichedge.evaluation import evaluate_split, evaluate_studies, plot_confusion, plot_history, plot_roc
 from ichedge.model import Weights, build_model, feature_extractor, resolve_weights
 from ichedge.preprocess import Loaded, Preprocessing, load_inputs
+from ichedge.triage import DEFAULT_AGGREGATE, study_score
 
 import keras  # noqa: E402  (model sets TF's log level first)
 import tensorflow as tf  # noqa: E402
@@ -55,6 +56,7 @@ class TrainConfig:
     class_weight: bool = True
     weights: str = "imagenet"
     target_sensitivity: float = 0.95
+    study_aggregate: str = DEFAULT_AGGREGATE
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -71,6 +73,7 @@ class TrainConfig:
         failed = [text for text, ok in checks.items() if not ok]
         if failed:
             raise ValueError("; ".join(failed))
+        study_score([0.0], self.study_aggregate)  # validates the aggregate's name
         self.preprocessing  # validates size and channel mode
 
     @property
@@ -168,11 +171,13 @@ def fit(
     split: Split,
     features: np.ndarray | None = None,
     progress: bool = False,
+    groups: np.ndarray | None = None,
 ) -> TrainResult:
     """Train one model on ``split`` of already loaded inputs and evaluate it on the test part.
 
     ``split`` indexes ``inputs.x``. ``features``, if given, are the frozen backbone's pooled
-    features of ``inputs.x`` (reused across folds of a cross-validation).
+    features of ``inputs.x`` (reused across folds of a cross-validation). ``groups``, the
+    patient of each input, adds study-level (patient-level) metrics.
     """
     x, y = inputs.x, inputs.y
     check_split_usable(y, split)
@@ -214,6 +219,10 @@ def fit(
     probs = {part: predict_probabilities(model, x[idx]) for part, idx in (("val", va), ("test", te))}
     labels = {"val": y[va], "test": y[te]}
     metrics = evaluate_split(labels["val"], probs["val"], labels["test"], probs["test"], config.target_sensitivity)
+    if groups is not None:
+        metrics["study_high_sensitivity"] = evaluate_studies(
+            groups[va], labels["val"], probs["val"], groups[te], labels["test"], probs["test"],
+            config.study_aggregate, config.target_sensitivity)
     return TrainResult(model, weights, history, metrics, probs, labels, seconds, features)
 
 
@@ -366,7 +375,7 @@ def train(
     check_no_patient_overlap(dataset, split)
     inputs = load_inputs(dataset, config.preprocessing, progress=progress)
     local = remap_split(split, inputs.indices)
-    result = fit(config, inputs, local, progress=progress)
+    result = fit(config, inputs, local, progress=progress, groups=patient_groups(dataset, inputs))
     tmp, final = new_run_dir(Path(runs_root), config.name)
     try:
         write_run(tmp, config, dataset, inputs, local, result)
@@ -374,6 +383,11 @@ def train(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def patient_groups(dataset: Dataset, inputs: Loaded) -> np.ndarray | None:
+    """The patient of each loaded input, or None when the layout has no patient IDs."""
+    return dataset.groups[inputs.indices] if dataset.has_patients else None
 
 
 def remap_split(split: Split, kept: np.ndarray) -> Split:

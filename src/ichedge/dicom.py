@@ -1,0 +1,153 @@
+"""CT-native input: DICOM slices in Hounsfield units, clinical windows, series and their order.
+
+Pixels become HU through the modality LUT (RescaleSlope/RescaleIntercept, via pydicom), then the
+windows radiologists read hemorrhage with. Studies and series are named by a short hash of their
+UIDs: patient-identifying header fields (name, ID, birth date) are never read into anything that
+is printed, logged or written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ichedge.data import DataError
+
+# (level, width) in HU.
+WINDOWS: dict[str, tuple[float, float]] = {
+    "brain": (40.0, 80.0),
+    "subdural": (80.0, 200.0),
+    "bone": (600.0, 2800.0),
+}
+CT_IMAGE_STORAGE = {"1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.2.1"}  # CT, enhanced CT
+
+
+class DicomError(DataError):
+    """A DICOM file that cannot be used as a CT slice; the message names the file and why."""
+
+
+def window(hu: np.ndarray, level: float, width: float) -> np.ndarray:
+    """HU to [0, 1]: level - width/2 and below is 0, level + width/2 and above is 1."""
+    low = level - width / 2
+    return np.clip((np.asarray(hu, np.float32) - low) / width, 0.0, 1.0).astype(np.float32)
+
+
+def windowed(hu: np.ndarray, names: tuple[str, ...] | list[str]) -> dict[str, np.ndarray]:
+    """The named windows of one HU slice."""
+    unknown = [n for n in names if n not in WINDOWS]
+    if unknown:
+        raise DataError(f"no HU window named {'/'.join(unknown)}; known: {', '.join(WINDOWS)}")
+    return {n: window(hu, *WINDOWS[n]) for n in names}
+
+
+def pseudonym(uid: str | None, prefix: str) -> str:
+    """A stable, non-identifying name for a study or series UID."""
+    if not uid:
+        return f"{prefix}-unknown"
+    return f"{prefix}-{hashlib.sha256(str(uid).encode()).hexdigest()[:10]}"
+
+
+def is_dicom(head: bytes) -> bool:
+    """Decided by content: the 'DICM' marker after the 128-byte preamble (``head``: first bytes)."""
+    return len(head) >= 132 and head[128:132] == b"DICM"
+
+
+@dataclass
+class CTSlice:
+    """One CT slice in HU, with where it belongs and where it lies (no identifying fields)."""
+
+    path: Path
+    study: str
+    series: str
+    position: float | None  # along the slice normal, in mm
+    instance: int | None
+    hu: np.ndarray
+
+
+def _position(ds) -> float | None:
+    """Distance along the slice normal: robust to gantry tilt and to any slice numbering."""
+    ipp, iop = ds.get("ImagePositionPatient"), ds.get("ImageOrientationPatient")
+    try:
+        if ipp is not None and iop is not None and len(ipp) == 3 and len(iop) == 6:
+            normal = np.cross(np.array(iop[:3], float), np.array(iop[3:], float))
+            return float(np.dot(normal, np.array(ipp, float)))
+        if ds.get("SliceLocation") is not None:
+            return float(ds.SliceLocation)
+    except (TypeError, ValueError):
+        pass
+    return None
+
+
+def read_ct_slice(path: str | Path, data: bytes | None = None) -> CTSlice:
+    """Read one single-frame CT DICOM file as HU; DicomError says precisely why one cannot be used.
+
+    ``data``, if given, holds the file's bytes (an upload) and ``path`` only names it.
+    """
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+    from pydicom.pixels import apply_modality_lut, get_decoder
+
+    path = Path(path)
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data) if data is not None else path)
+    except InvalidDicomError:
+        raise DicomError(f"{path}: not a DICOM file") from None
+    except FileNotFoundError:
+        raise DicomError(f"{path}: file not found") from None
+    except Exception as exc:  # truncated or garbled files raise many types inside pydicom
+        raise DicomError(f"{path}: unreadable DICOM ({type(exc).__name__}: {exc})") from None
+    modality = str(ds.get("Modality", "") or "")
+    sop_class = str(ds.get("SOPClassUID", "") or "")
+    if modality != "CT" if modality else sop_class not in CT_IMAGE_STORAGE:
+        raise DicomError(f"{path}: modality {modality or 'not given'}, not CT; ichedge reads head CT only")
+    if "PixelData" not in ds:
+        raise DicomError(f"{path}: no pixel data (a report, structured or directory object?)")
+    syntax = getattr(ds, "file_meta", {}).get("TransferSyntaxUID")
+    if syntax is not None and syntax.is_compressed:
+        try:
+            available = get_decoder(syntax).is_available
+        except (NotImplementedError, ValueError):  # a syntax pydicom has no decoder for at all
+            available = False
+        if not available:
+            raise DicomError(f"{path}: compressed as {syntax.name}, and no decoder for it is installed "
+                             "(pydicom codec plugins such as pylibjpeg or pyjpegls add one)")
+    try:
+        pixels = ds.pixel_array
+    except Exception as exc:
+        raise DicomError(f"{path}: pixel data unreadable ({type(exc).__name__}: {exc})") from None
+    if pixels.ndim != 2:
+        raise DicomError(f"{path}: {pixels.shape[0]} frames or colour samples; ichedge reads single-frame grayscale CT")
+    hu = np.asarray(apply_modality_lut(pixels, ds), dtype=np.float32)
+    instance = ds.get("InstanceNumber")
+    return CTSlice(
+        path=path,
+        study=pseudonym(ds.get("StudyInstanceUID"), "study"),
+        series=pseudonym(ds.get("SeriesInstanceUID"), "series"),
+        position=_position(ds),
+        instance=int(instance) if instance not in (None, "") else None,
+        hu=hu,
+    )
+
+
+def order_series(slices: list[CTSlice]) -> dict[tuple[str, str], list[CTSlice]]:
+    """Group slices by (study, series) and order each series along the patient axis.
+
+    Position along the slice normal where every slice has one, else InstanceNumber, else the
+    file name: file order and names say nothing reliable about anatomy.
+    """
+    groups: dict[tuple[str, str], list[CTSlice]] = {}
+    for s in slices:
+        groups.setdefault((s.study, s.series), []).append(s)
+    for members in groups.values():
+        if all(s.position is not None for s in members):
+            members.sort(key=lambda s: (s.position, str(s.path)))
+        elif all(s.instance is not None for s in members):
+            members.sort(key=lambda s: (s.instance, str(s.path)))
+        else:
+            members.sort(key=lambda s: str(s.path))
+    return groups
+
