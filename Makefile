@@ -4,7 +4,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 RUNS ?= runs
 
-.PHONY: setup demo test sweep cv bench ablation clean-venv
+.PHONY: setup browser demo test sweep cv bench ablation load clean-venv
+
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 setup: $(VENV)/.installed
 
@@ -22,7 +24,13 @@ demo: setup
 	$(BIN)/ichedge export $$run && \
 	$(BIN)/ichedge profile $$run
 
-test: setup
+# Headless Chromium from Debian for the end-to-end browser test.
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+	  $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium chromium-driver; }
+
+test: setup browser
 	$(BIN)/python -m pytest -q
 
 # The paper's five configurations, one split (PROFILE=1 adds the edge profile) and 5 patient-grouped folds.
@@ -37,6 +45,11 @@ bench: setup
 
 ablation: setup
 	$(BIN)/python bench/ablation_features.py
+
+# 8 clients, 1,000 requests against `ichedge serve` on loopback (RUN: an exported run folder).
+load: setup
+	$(BIN)/python bench/load_service.py $(RUN)
+	$(BIN)/python bench/load_service.py $(RUN) --no-heatmap
 
 clean-venv:
 	rm -rf $(VENV)

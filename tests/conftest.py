@@ -151,3 +151,17 @@ def write_dicom_manifest(root: Path, patients: int = 12, slices: int = 6, seed: 
         w.writerows(rows)
     return path
 
+
+@pytest.fixture(scope="session")
+def served_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny gray run (32x32, alpha 0.35) on synthetic slices, exported: what the service serves."""
+    from ichedge.data import read_manifest, train_val_test_split
+    from ichedge.export import export_run
+    from ichedge.training import TrainConfig, train
+
+    root = tmp_path_factory.mktemp("served")
+    ds = read_manifest(write_manifest(root / "data", patients=12))
+    run, _ = train(TrainConfig(size=32, alpha=0.35, epochs=3), ds, train_val_test_split(ds, test=0.25, val=0.25),
+                   root / "runs", progress=False)
+    export_run(run, calibration_images=20)
+    return run

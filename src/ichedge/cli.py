@@ -147,6 +147,18 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0 if result.slices or not result.errors else 2
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from ichedge.service import MIB, Limits, serve
+
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"WARNING: listening on {args.host}: anyone who can reach this machine can upload scans")
+    limits = Limits(max_files=args.max_files, max_file_bytes=int(args.max_file_mb * MIB))
+    print(f"ichedge triage on http://{args.host}:{args.port}/ (Ctrl-C stops it)")
+    serve(args.model, args.host, args.port, backend=args.backend, limits=limits,
+          keep_uploads=args.keep_uploads, explain=not args.no_heatmaps)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ichedge", description="Intracranial hemorrhage detection on head CT for edge devices")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -177,6 +189,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--explain-all", action="store_true", help="Grad-CAM overlay of every slice")
     p.add_argument("--out", type=Path, default=Path("runs"), help="folder that receives the new results folder")
     p.set_defaults(func=cmd_predict)
+    p = sub.add_parser("serve", help="triage web service: JSON API and a browser page")
+    p.add_argument("--model", type=Path, required=True, help="run folder (serves its latest export), .tflite or .keras")
+    p.add_argument("--backend", choices=("int8", "float32", "keras"), default="int8", help="for a run folder")
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-files", type=int, default=256, help="files per request")
+    p.add_argument("--max-file-mb", type=float, default=16, help="size of one file")
+    p.add_argument("--keep-uploads", type=Path, help="save usable uploads here (DICOM de-identified); default: never")
+    p.add_argument("--no-heatmaps", action="store_true", help="skip Grad-CAM (no Keras model needed)")
+    p.set_defaults(func=cmd_serve)
     return parser
 
 

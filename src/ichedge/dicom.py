@@ -151,3 +151,26 @@ def order_series(slices: list[CTSlice]) -> dict[tuple[str, str], list[CTSlice]]:
             members.sort(key=lambda s: str(s.path))
     return groups
 
+
+# Fields that identify a patient directly (DICOM PS3.15 basic profile, the ones a CT header holds).
+IDENTIFYING_FIELDS = (
+    "PatientName", "PatientID", "PatientBirthDate", "PatientBirthTime", "OtherPatientIDs",
+    "OtherPatientNames", "PatientAddress", "PatientTelephoneNumbers", "PatientMotherBirthName",
+    "MedicalRecordLocator", "ReferringPhysicianName", "InstitutionName", "InstitutionAddress",
+    "AccessionNumber", "StudyID", "IssuerOfPatientID",
+)
+
+
+def deidentify(data: bytes) -> bytes:
+    """A copy of a DICOM file with identifying fields emptied and private tags removed."""
+    import pydicom
+
+    ds = pydicom.dcmread(io.BytesIO(data))
+    for name in IDENTIFYING_FIELDS:
+        if name in ds:
+            ds.data_element(name).value = ""
+    ds.remove_private_tags()
+    ds.PatientIdentityRemoved = "YES"
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()

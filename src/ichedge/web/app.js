@@ -1,0 +1,103 @@
+// ichedge triage page: uploads to /api/studies, shows a card per slice and a session worklist.
+"use strict";
+
+const worklist = [];  // studies uploaded in this session
+const $ = (id) => document.getElementById(id);
+
+function text(tag, content, cls) {
+  const el = document.createElement(tag);
+  el.textContent = content;
+  if (cls) el.className = cls;
+  return el;
+}
+
+async function loadModel() {
+  try {
+    const r = await fetch("/api/model");
+    const m = await r.json();
+    $("model-info").textContent =
+      `${m.model.name} · ${m.model.kind} · id ${m.model.id} · slice threshold ${m.decision.slice_threshold.toFixed(3)}`;
+    const c = await (await fetch("/api/credit")).json();
+    $("credit").textContent = "Data credit: " + c.data;
+  } catch (e) {
+    $("model-info").textContent = "model information unavailable";
+  }
+}
+
+function renderWorklist() {
+  const body = $("worklist").querySelector("tbody");
+  body.replaceChildren();
+  worklist.sort((a, b) => (b.flagged - a.flagged) || (b.score - a.score));
+  worklist.forEach((s, i) => {
+    const tr = document.createElement("tr");
+    if (s.flagged) tr.className = "flagged";
+    tr.append(text("td", String(i + 1)), text("td", s.study), text("td", String(s.slices)),
+              text("td", s.score.toFixed(3)), text("td", s.decision));
+    body.append(tr);
+  });
+}
+
+function card(slice) {
+  const div = document.createElement("div");
+  div.className = "card" + (slice.flagged ? " flagged" : "");
+  div.dataset.file = slice.file;
+  if (slice.heatmap) {
+    const img = document.createElement("img");
+    img.src = slice.heatmap;
+    img.alt = "Grad-CAM heatmap over " + slice.file;
+    div.append(img);
+  }
+  div.append(text("p", slice.file, "file"));
+  div.append(text("p", `probability ${slice.probability.toFixed(3)}`, "probability"));
+  div.append(text("p", slice.decision, "decision"));
+  return div;
+}
+
+async function upload(files) {
+  if (!files.length) return;
+  const form = new FormData();
+  for (const f of files) form.append("files", f, f.name);
+  // Images of one upload form one study, named after it (DICOM series are named by the server).
+  form.append("study", files.length > 1 ? `${files[0].name} +${files.length - 1}` : files[0].name);
+  $("status").textContent = `scoring ${files.length} file(s)…`;
+  const started = performance.now();
+  let body;
+  try {
+    const r = await fetch("/api/studies", { method: "POST", body: form });
+    body = await r.json();
+    if (!r.ok) {
+      const d = body.detail;
+      $("status").textContent = "error: " + (typeof d === "string" ? d : d.message);
+      showErrors(d.errors || []);
+      return;
+    }
+  } catch (e) {
+    $("status").textContent = "error: the service did not answer (" + e + ")";
+    return;
+  }
+  const results = $("results");
+  for (const study of body.studies) {
+    worklist.push(study);
+    for (const s of study.ranking) results.prepend(card(s));
+  }
+  renderWorklist();
+  showErrors(body.errors);
+  $("status").textContent = `done in ${Math.round(performance.now() - started)} ms`;
+}
+
+function showErrors(errors) {
+  const list = $("errors");
+  for (const e of errors) list.append(text("li", e.error));
+  $("errors-box").hidden = list.children.length === 0;
+}
+
+const drop = $("drop");
+drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
+drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+drop.addEventListener("drop", (e) => {
+  e.preventDefault();
+  drop.classList.remove("over");
+  upload([...e.dataTransfer.files]);
+});
+$("files").addEventListener("change", (e) => { upload([...e.target.files]); e.target.value = ""; });
+loadModel();
