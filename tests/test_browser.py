@@ -89,3 +89,25 @@ def test_upload_a_slice_and_read_the_result_from_the_page(server, browser, tmp_p
     ARTIFACTS.mkdir(exist_ok=True)
     browser.save_screenshot(str(ARTIFACTS / "service_e2e.png"))
     assert (ARTIFACTS / "service_e2e.png").stat().st_size > 10_000
+
+
+def test_reports_render_offline_in_chromium(served_run, browser, tmp_path):
+    """A training report and an evaluation report open from disk with every plot drawn."""
+    from selenium.webdriver.common.by import By
+
+    from ichedge.evaluation import evaluate_model
+    from ichedge.predict import read_run_config
+
+    data = read_run_config(served_run)["dataset"]["source"]
+    model = next(served_run.glob("export*/model_int8.tflite"))
+    folder, _ = evaluate_model(model, data, tmp_path, n_boot=200, unseen_only=True)
+    for name, page in (("report_run", served_run / "report.html"), ("report_evaluation", folder / "report.html")):
+        browser.get(page.resolve().as_uri())
+        assert browser.find_element(By.TAG_NAME, "h1").text
+        assert browser.find_elements(By.CSS_SELECTOR, "table tbody tr")
+        images = browser.find_elements(By.TAG_NAME, "img")
+        assert len(images) >= 3
+        assert all(browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth > 0", im)
+                   for im in images), "every embedded plot decodes"
+        ARTIFACTS.mkdir(exist_ok=True)
+        browser.save_screenshot(str(ARTIFACTS / f"{name}.png"))

@@ -61,3 +61,47 @@ def test_summarise_folds_counts_undefined_values():
     folds = [{"d": {"ppv": float("nan")}}, {"d": {"ppv": 0.5}}, {"d": {"ppv": float("nan")}}]
     s = summarise_folds(folds)["d"]["ppv"]
     assert s["mean"] == 0.5 and s["n"] == 1 and np.isnan(s["sd"])
+
+
+def test_bootstrap_resamples_patients_not_slices():
+    from ichedge.evaluation import bootstrap_ci
+
+    rng = np.random.default_rng(0)
+    patients = np.repeat([f"p{i}" for i in range(12)], 20)  # 12 patients x 20 identical slices
+    y = np.repeat(rng.integers(0, 2, 12), 20)
+    y[:20], y[20:40] = 1, 0  # both classes present
+    p = np.repeat(rng.uniform(0, 1, 12), 20)
+    by_patient = bootstrap_ci(y, p, patients, 0.5, n_boot=500, seed=1)
+    by_image = bootstrap_ci(y, p, None, 0.5, n_boot=500, seed=1)
+    for m in ("auc", "sensitivity", "specificity"):
+        assert by_patient[m]["low"] <= by_patient[m]["value"] <= by_patient[m]["high"]
+        width_patient = by_patient[m]["high"] - by_patient[m]["low"]
+        width_image = by_image[m]["high"] - by_image[m]["low"]
+        assert width_patient > 2 * width_image, m  # 12 independent units, not 240
+    assert bootstrap_ci(y, p, patients, 0.5, n_boot=200, seed=3) == bootstrap_ci(y, p, patients, 0.5, n_boot=200, seed=3)
+
+
+def test_expected_calibration_error_and_temperature():
+    from ichedge.evaluation import apply_temperature, expected_calibration_error, fit_temperature
+
+    y = np.array([1] * 25 + [0] * 75)
+    assert expected_calibration_error(y, np.full(100, 0.25)) == pytest.approx(0.0)
+    assert expected_calibration_error(np.zeros(10), np.full(10, 0.9)) == pytest.approx(0.9)
+    rng = np.random.default_rng(0)
+    z = rng.normal(0, 1.5, 20000)
+    truth = rng.uniform(size=z.size) < 1 / (1 + np.exp(-z))
+    overconfident = 1 / (1 + np.exp(-3 * z))
+    t = fit_temperature(truth, overconfident)
+    assert t == pytest.approx(3.0, abs=0.3)
+    assert expected_calibration_error(truth, apply_temperature(overconfident, t)) < 0.3 * expected_calibration_error(truth, overconfident)
+
+
+def test_pooled_intervals_use_each_fold_s_own_threshold():
+    from ichedge.evaluation import pooled_intervals
+
+    fold_a = (np.array([1, 0, 1, 0]), np.array([0.6, 0.5, 0.2, 0.1]), np.array(["a", "b", "c", "d"]), 0.55)
+    fold_b = (np.array([1, 0]), np.array([0.3, 0.25]), np.array(["e", "f"]), 0.28)
+    ci = pooled_intervals([fold_a, fold_b], n_boot=200)
+    assert ci["sensitivity"]["value"] == pytest.approx(2 / 3)  # 0.6 >= 0.55 and 0.3 >= 0.28; 0.2 missed
+    assert ci["specificity"]["value"] == pytest.approx(1.0)
+    assert ci["auc"]["value"] == pytest.approx(6 / 9)  # pooled probabilities, one ranking

@@ -11,7 +11,7 @@ from ichedge.training import (
 
 RUN_FILES = {"config.json", "model.keras", "history.csv", "metrics.json", "predictions.npz",
              "plots/learning_curves.png", "plots/confusion_0.5.png", "plots/confusion_high_sensitivity.png",
-             "plots/roc.png"}
+             "plots/roc.png", "plots/precision_recall.png", "plots/reliability.png", "report.html"}
 
 
 def _files(run):
@@ -73,7 +73,13 @@ def test_from_scratch_training_writes_a_complete_run(tmp_path):
     with (run / "history.csv").open() as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == 2 and {r["phase"] for r in rows} == {"from-scratch"}
-    assert set(result.metrics) == {"default", "high_sensitivity", "validation", "study_high_sensitivity"}
+    assert set(result.metrics) == {"default", "high_sensitivity", "validation", "study_high_sensitivity",
+                                   "intervals", "calibration"}
+    ci = result.metrics["intervals"]
+    assert ci["resampled"] == "patients"
+    for point in ("default", "high_sensitivity"):
+        for m in ("sensitivity", "specificity"):
+            assert ci[point][m]["low"] <= ci[point][m]["value"] <= ci[point][m]["high"]
     assert not list((tmp_path / "runs").glob(".*")), "no temporary folder left behind"
 
 

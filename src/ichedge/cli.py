@@ -9,6 +9,7 @@ import warnings
 from dataclasses import fields
 from pathlib import Path
 
+from ichedge.audit import DEFAULT_MAX_DISTANCE
 from ichedge.data import DataError
 from ichedge.preprocess import CHANNEL_MODES
 from ichedge.tflm import TFLMError
@@ -46,6 +47,14 @@ def _config_args(p: argparse.ArgumentParser, single: bool) -> None:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--runs", type=Path, default=Path("runs"), help="folder that receives new run folders")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _grouping_args(p)
+
+
+def _grouping_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--split-by", choices=("patient", "slice"), default="patient",
+                   help="slice: ignore patient IDs (leaks patients; only to measure how much that inflates)")
+    p.add_argument("--group-by-near-duplicates", action="store_true",
+                   help="no patient IDs: keep near-duplicate clusters together in splits (pHash; see `ichedge audit`)")
 
 
 def _config(args: argparse.Namespace):
@@ -61,6 +70,23 @@ def _dataset(args: argparse.Namespace, config):
     print(ds.summary())
     for note in ds.notes:
         print(f"  skipped: {note}")
+    return _grouped(ds, args)
+
+
+def _grouped(ds, args: argparse.Namespace):
+    """Apply --split-by slice or --group-by-near-duplicates, loudly."""
+    from dataclasses import replace
+
+    if args.split_by == "slice":
+        print("WARNING: SPLIT BY SLICE: patient IDs ignored, one patient's slices land in training and test; "
+              "every metric will be inflated (use only to measure the leak)")
+        return replace(ds, has_patients=False, name=ds.name + " [split by slice]")
+    if args.group_by_near_duplicates:
+        from ichedge.audit import audit, group_by_clusters
+
+        result = audit(ds)
+        print(f"grouping by {len(set(result.clusters))} near-duplicate clusters (not patients)")
+        return group_by_clusters(ds, result.clusters)
     return ds
 
 
@@ -159,6 +185,43 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_audit(args: argparse.Namespace) -> int:
+    from ichedge.audit import run_audit
+    from ichedge.data import read_dataset
+
+    ds = _grouped(read_dataset(args.data), args)
+    print(ds.summary())
+    folder, result = run_audit(ds, args.runs, args.max_distance, args.seed)
+    print(result.summary())
+    for e in result.errors:
+        print(f"  skipped: {e}")
+    print(f"audit folder: {folder} (near_duplicates.csv, report.html)")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from ichedge.evaluation import evaluate_model
+    from ichedge.report import interval
+
+    folder, m = evaluate_model(args.model, args.data, args.runs, progress=not args.quiet, unseen_only=args.unseen_only)
+    print(m["dataset"])
+    ci = m["intervals"]
+    print(f"AUC {interval(ci['default']['auc'])}  (95% CI, resampling {ci['resampled']})")
+    for point in ("default", "high_sensitivity"):
+        t = m[point]["threshold"]
+        print(f"  at {t:.3f}: sensitivity {interval(ci[point]['sensitivity'])}  "
+              f"specificity {interval(ci[point]['specificity'])}")
+    if "study_high_sensitivity" in m:
+        st = m["study_high_sensitivity"]
+        print(f"  patients ({st['n']}): AUC {st['auc']:.3f}  sensitivity {st['sensitivity']:.3f}  "
+              f"specificity {st['specificity']:.3f}")
+    if m["slices_seen_in_training"]:
+        print(f"WARNING: {m['slices_seen_in_training']} slices were in the model's training or validation split: "
+              "inflated (--unseen-only leaves them out)")
+    print(f"report: {folder / 'report.html'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ichedge", description="Intracranial hemorrhage detection on head CT for edge devices")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -189,6 +252,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--explain-all", action="store_true", help="Grad-CAM overlay of every slice")
     p.add_argument("--out", type=Path, default=Path("runs"), help="folder that receives the new results folder")
     p.set_defaults(func=cmd_predict)
+    p = sub.add_parser("audit", help="exact and near-duplicate images, and near twins across a split")
+    p.add_argument("data", nargs="?", type=Path, help="dataset (default: bundled CT-ICH)")
+    p.add_argument("--max-distance", type=int, default=DEFAULT_MAX_DISTANCE,
+                   help="pHash Hamming distance (of 256 bits) for near duplicates")
+    p.add_argument("--seed", type=int, default=0, help="seed of the split audited")
+    p.add_argument("--runs", type=Path, default=Path("runs"))
+    _grouping_args(p)
+    p.set_defaults(func=cmd_audit)
+    p = sub.add_parser("evaluate", help="a trained or exported model on any dataset: metrics, 95% CIs, report")
+    p.add_argument("model", type=Path, help="run folder, .keras or .tflite")
+    p.add_argument("data", nargs="?", type=Path, help="dataset (default: bundled CT-ICH)")
+    p.add_argument("--runs", type=Path, default=Path("runs"))
+    p.add_argument("--unseen-only", action="store_true",
+                   help="leave out the slices of the model's own training and validation patients")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_evaluate)
     p = sub.add_parser("serve", help="triage web service: JSON API and a browser page")
     p.add_argument("--model", type=Path, required=True, help="run folder (serves its latest export), .tflite or .keras")
     p.add_argument("--backend", choices=("int8", "float32", "keras"), default="int8", help="for a run folder")

@@ -1,4 +1,4 @@
-"""Metrics the paper reports and the ones a clinician needs, thresholds, and plots.
+"""Metrics the paper reports and the ones a clinician needs, thresholds, intervals, calibration, plots.
 
 The paper's columns are loss, accuracy and the TP/FP/FN/TN rates *within each true class*
 (TP rate = TP/(TP+FN), FP rate = FP/(FP+TN), ...). ichedge adds sensitivity, specificity, PPV,
@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
-from sklearn.metrics import confusion_matrix, log_loss, roc_auc_score, roc_curve
+from sklearn.metrics import confusion_matrix, log_loss, precision_recall_curve, roc_auc_score, roc_curve
 
 from ichedge.triage import group_labels, group_scores
 
@@ -75,6 +75,18 @@ def evaluate_split(
     }
 
 
+def choose_thresholds(y_val: np.ndarray, p_val: np.ndarray, groups_val: Sequence[str] | None,
+                      target_sensitivity: float, aggregate: str) -> dict[str, float]:
+    """The slice threshold and (with patients) the study threshold for ``target_sensitivity`` on validation."""
+    out = {"high_sensitivity": threshold_for_sensitivity(y_val, p_val, target_sensitivity)}
+    if groups_val is not None:
+        scores, labels = group_scores(groups_val, p_val, aggregate), group_labels(groups_val, y_val)
+        keys = sorted(scores)
+        out["study"] = threshold_for_sensitivity(np.array([labels[k] for k in keys]),
+                                                 np.array([scores[k] for k in keys]), target_sensitivity)
+    return out
+
+
 def evaluate_studies(
     groups_val: Sequence[str], y_val: np.ndarray, p_val: np.ndarray,
     groups_test: Sequence[str], y_test: np.ndarray, p_test: np.ndarray,
@@ -102,6 +114,8 @@ def summarise_folds(folds: Sequence[Mapping[str, Mapping[str, float]]]) -> dict[
     """
     out: dict[str, dict[str, dict[str, float]]] = {}
     for point in folds[0]:
+        if not all(isinstance(v, (int, float)) for v in folds[0][point].values()):
+            continue  # nested entries (bootstrap intervals) are not averaged over folds
         out[point] = {}
         for metric in folds[0][point]:
             values = np.array([f[point][metric] for f in folds], dtype=float)
@@ -110,6 +124,125 @@ def summarise_folds(folds: Sequence[Mapping[str, Mapping[str, float]]]) -> dict[
             sd = float(values.std(ddof=1)) if len(values) > 1 else float("nan")
             out[point][metric] = {"mean": mean, "sd": sd, "n": int(len(values))}
     return out
+
+
+# --- confidence intervals and calibration -------------------------------------------------------
+
+CI_METRICS = ("auc", "sensitivity", "specificity", "ppv", "npv", "accuracy")
+
+
+def bootstrap_ci(
+    y: np.ndarray, p: np.ndarray, groups: Sequence[str] | None, threshold: float,
+    n_boot: int = 2000, seed: int = 0, level: float = 0.95,
+) -> dict[str, dict[str, float]]:
+    """Percentile bootstrap intervals, resampling *patients* (whole groups of slices) with replacement.
+
+    Slices of one patient are correlated, so resampling slices would make intervals too narrow.
+    ``groups`` None resamples images (for layouts without patient IDs: say so where it is shown).
+    Returns {metric: {"value", "low", "high", "n_boot"}}; a metric undefined in a resample (AUC
+    with one class, PPV with nothing flagged) is left out of that resample.
+    """
+    y, p = np.asarray(y).astype(int), np.asarray(p, dtype=np.float64)
+    keys = np.asarray(groups) if groups is not None else np.arange(len(y)).astype(str)
+    members = [np.nonzero(keys == g)[0] for g in np.unique(keys)]
+    rng = np.random.default_rng(seed)
+    draws: dict[str, list[float]] = {m: [] for m in CI_METRICS}
+    for _ in range(n_boot):
+        idx = np.concatenate([members[i] for i in rng.integers(0, len(members), len(members))])
+        m = _fast_metrics(y[idx], p[idx], threshold)
+        for k in CI_METRICS:
+            if not np.isnan(m[k]):
+                draws[k].append(m[k])
+    point = _fast_metrics(y, p, threshold)
+    alpha = (1 - level) / 2
+    out = {}
+    for k in CI_METRICS:
+        d = np.array(draws[k])
+        low, high = (np.quantile(d, [alpha, 1 - alpha]) if len(d) else (np.nan, np.nan))
+        out[k] = {"value": point[k], "low": float(low), "high": float(high), "n_boot": int(len(d))}
+    return out
+
+
+def _fast_metrics(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, float]:
+    pred = p >= threshold
+    tp, fn = int((pred & (y == 1)).sum()), int((~pred & (y == 1)).sum())
+    fp, tn = int((pred & (y == 0)).sum()), int((~pred & (y == 0)).sum())
+    both = 0 < y.sum() < len(y)
+    return {"auc": float(roc_auc_score(y, p)) if both else float("nan"),
+            "sensitivity": _ratio(tp, tp + fn), "specificity": _ratio(tn, tn + fp),
+            "ppv": _ratio(tp, tp + fp), "npv": _ratio(tn, tn + fn), "accuracy": _ratio(tp + tn, len(y))}
+
+
+def intervals(y: np.ndarray, p: np.ndarray, groups: Sequence[str] | None, thresholds: Mapping[str, float],
+              n_boot: int = 1000, seed: int = 0) -> dict:
+    """Bootstrap intervals at each named threshold, and what was resampled."""
+    out: dict = {"resampled": "patients" if groups is not None else "images (no patient IDs: too narrow)",
+                 "n_boot": n_boot, "level": 0.95}
+    for name, t in thresholds.items():
+        out[name] = bootstrap_ci(y, p, groups, t, n_boot, seed)
+    return out
+
+
+def pooled_intervals(folds: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray, float]], n_boot: int = 2000,
+                     seed: int = 0) -> dict[str, dict[str, float]]:
+    """Intervals over cross-validation: every fold's test patients pooled, resampled by patient.
+
+    ``folds``: (labels, probabilities, patients, that fold's high-sensitivity threshold) per
+    fold. AUC comes from the pooled probabilities; the other metrics from each slice's flag at
+    its own fold's threshold.
+    """
+    y = np.concatenate([f[0] for f in folds])
+    p = np.concatenate([f[1] for f in folds])
+    g = np.concatenate([np.asarray(f[2]).astype(str) for f in folds])
+    flags = np.concatenate([(f[1] >= f[3]).astype(float) for f in folds])
+    by_flag = bootstrap_ci(y, flags, g, 0.5, n_boot, seed)
+    by_flag["auc"] = bootstrap_ci(y, p, g, 0.5, n_boot, seed)["auc"]
+    return by_flag
+
+
+def expected_calibration_error(y: np.ndarray, p: np.ndarray, bins: int = 10) -> float:
+    """ECE: the bin-size-weighted gap between mean probability and observed rate, equal-width bins."""
+    y, p = np.asarray(y, dtype=float), np.asarray(p, dtype=float)
+    which = np.minimum((p * bins).astype(int), bins - 1)
+    ece = 0.0
+    for b in range(bins):
+        inside = which == b
+        if inside.any():
+            ece += inside.mean() * abs(p[inside].mean() - y[inside].mean())
+    return float(ece)
+
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(np.asarray(p, dtype=np.float64), 1e-7, 1 - 1e-7)
+    return np.log(p / (1 - p))
+
+
+def fit_temperature(y: np.ndarray, p: np.ndarray) -> float:
+    """Temperature T minimising the log loss of sigmoid(logit(p) / T); fit it on validation."""
+    from scipy.optimize import minimize_scalar
+
+    z, y = _logit(p), np.asarray(y, dtype=float)
+
+    def nll(log_t: float) -> float:
+        q = np.clip(1 / (1 + np.exp(-z / np.exp(log_t))), 1e-7, 1 - 1e-7)
+        return float(-np.mean(y * np.log(q) + (1 - y) * np.log(1 - q)))
+
+    return float(np.exp(minimize_scalar(nll, bounds=(-4, 4), method="bounded").x))
+
+
+def apply_temperature(p: np.ndarray, temperature: float) -> np.ndarray:
+    return 1 / (1 + np.exp(-_logit(p) / temperature))
+
+
+def calibration(y_val: np.ndarray, p_val: np.ndarray, y_test: np.ndarray, p_test: np.ndarray) -> dict[str, float]:
+    """Test ECE as the model outputs it, and after temperature scaling fitted on validation.
+
+    Temperature scaling keeps the ranking (AUC) and moves probabilities; ichedge reports it and
+    does not apply it to served probabilities, whose thresholds were chosen on the raw outputs.
+    """
+    t = fit_temperature(y_val, p_val)
+    return {"ece": expected_calibration_error(y_test, p_test), "temperature": t,
+            "ece_after_temperature": expected_calibration_error(y_test, apply_temperature(p_test, t))}
 
 
 # --- plots ------------------------------------------------------------------------------------
@@ -162,6 +295,44 @@ def plot_confusion(m: Mapping[str, float], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def plot_pr(y: np.ndarray, p: np.ndarray, points: Mapping[str, Mapping[str, float]], path: Path) -> None:
+    """Precision-recall curve with the operating points marked (the 1:7 imbalance shows here)."""
+    plt = _pyplot()
+    precision, recall, _ = precision_recall_curve(y, p)
+    fig, ax = plt.subplots(figsize=(4, 4))
+    ax.plot(recall, precision, label="precision-recall")
+    ax.axhline(np.mean(y), ls=":", color="grey", label=f"prevalence {np.mean(y):.2f}")
+    for name, m in points.items():
+        if not np.isnan(m["ppv"]):
+            ax.plot(m["sensitivity"], m["ppv"], "o", label=f"{name} (t={m['threshold']:.2f})")
+    ax.set_xlabel("recall (sensitivity)")
+    ax.set_ylabel("precision (PPV)")
+    ax.set_ylim(0, 1.02)
+    ax.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_reliability(y: np.ndarray, p: np.ndarray, path: Path, temperature: float | None = None, bins: int = 10) -> None:
+    """Observed hemorrhage rate against mean probability per bin, raw and temperature-scaled."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(4, 4))
+    ax.plot([0, 1], [0, 1], ":", color="grey")
+    curves = [("raw", p)] + ([(f"T = {temperature:.2f}", apply_temperature(p, temperature))] if temperature else [])
+    for name, q in curves:
+        which = np.minimum((np.asarray(q) * bins).astype(int), bins - 1)
+        xs = [q[which == b].mean() for b in range(bins) if (which == b).any()]
+        ys = [np.mean(y[which == b]) for b in range(bins) if (which == b).any()]
+        ax.plot(xs, ys, "o-", label=f"{name}: ECE {expected_calibration_error(y, q, bins):.3f}")
+    ax.set_xlabel("mean predicted probability")
+    ax.set_ylabel("observed hemorrhage rate")
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def plot_roc(y: np.ndarray, p: np.ndarray, points: Mapping[str, Mapping[str, float]], path: Path) -> None:
     plt = _pyplot()
     fpr, tpr, _ = roc_curve(y, p)
@@ -176,3 +347,107 @@ def plot_roc(y: np.ndarray, p: np.ndarray, points: Mapping[str, Mapping[str, flo
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+# --- a trained model on any dataset ---------------------------------------------------------------
+
+
+def training_run_of(model: Path) -> Path | None:
+    """The run folder a model came from (a run folder, its .keras, or a .tflite in its export)."""
+    for candidate in (model, model.parent, model.parent.parent):
+        if candidate.is_dir() and (candidate / "config.json").is_file() and (candidate / "model.keras").is_file():
+            return candidate
+    return None
+
+
+def evaluate_model(model: str | Path, data: str | Path | None, out_root: Path = Path("runs"), progress: bool = False,
+                   n_boot: int = 2000, unseen_only: bool = False) -> tuple[Path, dict]:
+    """Evaluate a trained or exported model on any dataset the readers accept, without retraining.
+
+    Thresholds are the model's own (0.5 and the validated high-sensitivity one), never re-chosen
+    on the data evaluated. Slices the model was trained or validated on are counted, and the
+    report says so in a banner; ``unseen_only`` leaves them out instead.
+    """
+    import csv
+    import json
+    import shutil
+
+    from ichedge.data import read_dataset
+    from ichedge.predict import Predictor, read_run_config
+    from ichedge.preprocess import load_inputs
+    from ichedge.report import Report, metric_rows
+    from ichedge.training import finish_run_dir, new_run_dir
+
+    model = Path(model)
+    predictor = Predictor.load(model)
+    decision = predictor.decision
+    if decision is None:
+        raise ValueError(f"{model}: no validated thresholds recorded with this model")
+    ds = read_dataset(data, predictor.preprocessing.windows)
+    run = training_run_of(model)
+    used: set[str] = set()
+    if run is not None:
+        meta = read_run_config(run)
+        if str(meta["dataset"]["source"]) == str(ds.source):
+            used = set(meta["split"]["train"]) | set(meta["split"]["val"])
+    wanted = [i for i, r in enumerate(ds.records) if not (unseen_only and r.key in used)]
+    inputs = load_inputs(ds, predictor.preprocessing, wanted, progress=progress)
+    if len(inputs.y) == 0:
+        raise ValueError(f"{ds.name}: no readable image" + (" the model has not seen" if unseen_only else ""))
+    p = predictor.predict(inputs.x)
+    y = inputs.y
+    groups = ds.groups[inputs.indices] if ds.has_patients else None
+    metrics: dict = {"default": binary_metrics(y, p, 0.5),
+                     "high_sensitivity": binary_metrics(y, p, decision.slice_threshold)}
+    metrics["intervals"] = intervals(y, p, groups, {"default": 0.5, "high_sensitivity": decision.slice_threshold}, n_boot)
+    metrics["calibration"] = {"ece": expected_calibration_error(y, p)}
+    if groups is not None:
+        scores, labels = group_scores(groups, p, decision.study_aggregate), group_labels(groups, y)
+        keys = sorted(scores)
+        metrics["study_high_sensitivity"] = binary_metrics(
+            np.array([labels[k] for k in keys]), np.array([scores[k] for k in keys]), decision.study_threshold)
+
+    banners = []
+    seen = sum(ds.records[i].key in used for i in inputs.indices)
+    if seen:
+        banners.append(f"{seen} of {len(y)} slices were in this model's training or validation split: these numbers "
+                       "are inflated; evaluate with --unseen-only (the run's test patients) or on other data.")
+    if not ds.has_patients:
+        banners.append("No patient IDs: intervals resample images, so they are too narrow, and any near-duplicate "
+                       "slices of training patients inflate the result (run `ichedge audit`).")
+
+    tmp, final = new_run_dir(Path(out_root), "evaluate")
+    try:
+        (tmp / "plots").mkdir()
+        points = {"0.5": metrics["default"], "high-sensitivity": metrics["high_sensitivity"]}
+        if len(set(y.tolist())) == 2:
+            plot_roc(y, p, points, tmp / "plots" / "roc.png")
+            plot_pr(y, p, points, tmp / "plots" / "precision_recall.png")
+        plot_reliability(y, p, tmp / "plots" / "reliability.png")
+        plot_confusion(metrics["high_sensitivity"], tmp / "plots" / "confusion_high_sensitivity.png",
+                       f"threshold {decision.slice_threshold:.3f} (the model's validated one)")
+        summary = {"model": str(model), "kind": predictor.kind, "dataset": ds.summary(), "source": str(ds.source),
+                   "slices_seen_in_training": seen, "skipped_images": inputs.errors, "decision": decision.__dict__}
+        (tmp / "metrics.json").write_text(json.dumps({**summary, **metrics}, indent=2, default=str))
+        with (tmp / "predictions.csv").open("w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["file", "patient", "label", "probability"])
+            for i, label, prob in zip(inputs.indices, y, p):
+                r = ds.records[i]
+                w.writerow([r.path, r.patient or "", int(label), f"{prob:.6f}"])
+        report = Report(f"Evaluation of {model.name} on {ds.name}", banners=banners)
+        report.paragraph(f"{ds.summary()}. Model: {predictor.kind}, thresholds as validated at training "
+                         f"(slice {decision.slice_threshold:.3f}; study: {decision.study_aggregate} of slices >= "
+                         f"{decision.study_threshold:.3f}). 95% intervals resample {metrics['intervals']['resampled']}.")
+        report.table(metric_rows(metrics))
+        report.paragraph(f"Calibration: ECE {metrics['calibration']['ece']:.3f}.")
+        report.plots(sorted((tmp / "plots").glob("*.png")))
+        report.code(summary)
+        card = predictor.source.parent / "model_card.md"
+        if card.is_file():
+            report.link("model card", card.resolve().as_uri())
+        report.write(tmp / "report.html", ds.credit)
+        return finish_run_dir(tmp, final), {**summary, **metrics}
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

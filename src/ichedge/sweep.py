@@ -16,8 +16,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ichedge.data import Dataset, check_no_patient_overlap, kfold_splits, train_val_test_split
-from ichedge.evaluation import summarise_folds
+from ichedge.evaluation import pooled_intervals, summarise_folds
 from ichedge.preprocess import load_inputs
+from ichedge.report import interval, write_sweep_report
 from ichedge.training import (
     TrainConfig, finish_run_dir, fit, new_run_dir, patient_groups, remap_split, write_run,
 )
@@ -65,6 +66,7 @@ class ConfigResult:
     seconds: float
     phase_seconds: list[dict[str, float]]
     profile: dict | None = None
+    pooled: dict | None = None  # bootstrap intervals over all folds' test patients
 
     @property
     def summary(self) -> dict:
@@ -101,11 +103,14 @@ def run_sweep(
                 loaded = {pre: load_inputs(dataset, pre, progress=progress)}
             inputs = loaded[pre]
             started = time.perf_counter()
-            features, fold_metrics, runs, phases, measured = None, [], [], [], None
+            features, fold_metrics, runs, phases, measured, pooled = None, [], [], [], None, []
+            groups = patient_groups(dataset, inputs)
             for k, split in enumerate(splits):
                 local = remap_split(split, inputs.indices)
-                result = fit(config, inputs, local, features=features, progress=progress,
-                             groups=patient_groups(dataset, inputs))
+                result = fit(config, inputs, local, features=features, progress=progress, groups=groups)
+                if groups is not None:
+                    pooled.append((result.labels["test"], result.probabilities["test"], groups[local.test],
+                                   result.metrics["high_sensitivity"]["threshold"]))
                 features = result.features  # the frozen backbone's: the same for every fold
                 name = f"{config.name}" + (f"-fold{k}" if folds > 1 else "")
                 write_run(tmp / name, config, dataset, inputs, local, result)
@@ -121,6 +126,7 @@ def run_sweep(
                 ConfigResult(
                     config, _weights_label(result.weights), _training_label(config, result.weights.pretrained),
                     fold_metrics, runs, time.perf_counter() - started, phases, measured,
+                    pooled_intervals(pooled) if folds > 1 and pooled else None,
                 )
             )
         write_tables(tmp, results, dataset, folds)
@@ -181,6 +187,10 @@ def table_rows(results: Sequence[ConfigResult], folds: int) -> list[dict[str, st
             row["study AUC"] = _fmt(st["auc"], False, folds)
             row["study sensitivity"] = _fmt(st["sensitivity"], True, folds) + "%"
             row["study specificity"] = _fmt(st["specificity"], True, folds) + "%"
+        if r.pooled:
+            row["pooled AUC (95% CI)"] = interval(r.pooled["auc"])
+            row["hs sensitivity 95% CI"] = f"{r.pooled['sensitivity']['low']:.2f}-{r.pooled['sensitivity']['high']:.2f}"
+            row["hs specificity 95% CI"] = f"{r.pooled['specificity']['low']:.2f}-{r.pooled['specificity']['high']:.2f}"
         row["train s"] = f"{r.seconds:.0f}"
         if r.profile:
             row.update(profile_columns(r.profile))
@@ -233,9 +243,14 @@ def write_tables(out: Path, results: Sequence[ConfigResult], dataset: Dataset, f
         "|" + "---|" * len(header),
     ]
     lines += ["| " + " | ".join(r[h] for h in header) + " |" for r in rows]
+    if results[0].pooled:
+        lines += ["", "95% CIs: all folds' test patients pooled and resampled by patient (2,000 draws); "
+                  "sensitivity and specificity at each fold's own validation-chosen threshold."]
     if dataset.credit:
         lines += ["", f"Data: {dataset.credit}"]
     (out / "results.md").write_text("\n".join(lines) + "\n")
+    write_sweep_report(out, rows, lines[2:6], dataset, [r.runs for r in results])
     (out / "results.json").write_text(json.dumps(
         [{"config": r.config.to_json(), "weights": r.weights, "training": r.training, "runs": r.runs,
-          "seconds": r.seconds, "phase_seconds": r.phase_seconds, "profile": r.profile, "summary": r.summary, "folds": r.folds} for r in results], indent=2))
+          "seconds": r.seconds, "phase_seconds": r.phase_seconds, "profile": r.profile, "summary": r.summary,
+          "pooled": r.pooled, "folds": r.folds} for r in results], indent=2))

@@ -24,9 +24,13 @@ import numpy as np
 
 from ichedge import __version__
 from ichedge.data import DataError, Dataset, Split, check_no_patient_overlap
-from ichedge.evaluation import evaluate_split, evaluate_studies, plot_confusion, plot_history, plot_roc
+from ichedge.evaluation import (
+    calibration, evaluate_split, evaluate_studies, intervals, plot_confusion, plot_history, plot_pr, plot_reliability,
+    plot_roc,
+)
 from ichedge.model import Weights, build_model, feature_extractor, resolve_weights
 from ichedge.preprocess import Loaded, Preprocessing, load_inputs
+from ichedge.report import write_run_report
 from ichedge.triage import DEFAULT_AGGREGATE, study_score
 
 import keras  # noqa: E402  (model sets TF's log level first)
@@ -219,6 +223,10 @@ def fit(
     probs = {part: predict_probabilities(model, x[idx]) for part, idx in (("val", va), ("test", te))}
     labels = {"val": y[va], "test": y[te]}
     metrics = evaluate_split(labels["val"], probs["val"], labels["test"], probs["test"], config.target_sensitivity)
+    metrics["intervals"] = intervals(
+        labels["test"], probs["test"], None if groups is None else groups[te],
+        {"default": 0.5, "high_sensitivity": metrics["high_sensitivity"]["threshold"]})
+    metrics["calibration"] = calibration(labels["val"], probs["val"], labels["test"], probs["test"])
     if groups is not None:
         metrics["study_high_sensitivity"] = evaluate_studies(
             groups[va], labels["val"], probs["val"], groups[te], labels["test"], probs["test"],
@@ -360,8 +368,12 @@ def write_run(
     plot_confusion(result.metrics["default"], out / "plots" / "confusion_0.5.png", "test, threshold 0.5")
     plot_confusion(hs, out / "plots" / "confusion_high_sensitivity.png",
                    f"test, threshold {hs['threshold']:.3f} (val sensitivity >= {config.target_sensitivity})")
-    plot_roc(result.labels["test"], result.probabilities["test"],
-             {"0.5": result.metrics["default"], "high-sensitivity": hs}, out / "plots" / "roc.png")
+    points = {"0.5": result.metrics["default"], "high-sensitivity": hs}
+    plot_roc(result.labels["test"], result.probabilities["test"], points, out / "plots" / "roc.png")
+    plot_pr(result.labels["test"], result.probabilities["test"], points, out / "plots" / "precision_recall.png")
+    plot_reliability(result.labels["test"], result.probabilities["test"], out / "plots" / "reliability.png",
+                     result.metrics["calibration"]["temperature"])
+    write_run_report(out, meta, result.metrics)
 
 
 def train(

@@ -1,0 +1,62 @@
+"""`ichedge evaluate` on other data without retraining, and the HTML reports every command writes."""
+
+import html
+import json
+
+import pytest
+
+from ichedge.cli import main
+from ichedge.predict import read_run_config
+
+
+def _training_manifest(run):
+    return read_run_config(run)["dataset"]["source"]
+
+
+def test_evaluate_on_new_data_reports_intervals_and_no_leak(served_run, synthetic_manifest, tmp_path, capsys):
+    model = next(served_run.glob("export*/model_int8.tflite"))
+    assert main(["evaluate", str(model), str(synthetic_manifest), "--runs", str(tmp_path / "runs"), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "95% CI, resampling patients" in out and "WARNING" not in out
+    (folder,) = (tmp_path / "runs").iterdir()
+    m = json.loads((folder / "metrics.json").read_text())
+    assert m["slices_seen_in_training"] == 0 and m["kind"].startswith("tflite-int8")
+    assert m["high_sensitivity"]["threshold"] == m["decision"]["slice_threshold"]  # the model's, not re-chosen
+    ci = m["intervals"]["high_sensitivity"]["sensitivity"]
+    assert ci["low"] <= ci["value"] <= ci["high"]
+    page = (folder / "report.html").read_text()
+    assert "banner" not in page.split("</style>")[1] and "data:image/png;base64," in page
+    assert {p.name for p in (folder / "plots").iterdir()} >= {"roc.png", "precision_recall.png", "reliability.png"}
+
+
+def test_evaluating_on_the_training_data_is_flagged_and_can_be_restricted(served_run, tmp_path, capsys):
+    data = _training_manifest(served_run)
+    assert main(["evaluate", str(served_run), data, "--runs", str(tmp_path / "all"), "--quiet"]) == 0
+    assert "slices were in the model's training or validation split" in capsys.readouterr().out
+    (folder,) = (tmp_path / "all").iterdir()
+    assert "were in this model's training or validation split" in html.unescape((folder / "report.html").read_text())
+    assert main(["evaluate", str(served_run), data, "--runs", str(tmp_path / "unseen"), "--unseen-only", "--quiet"]) == 0
+    (folder,) = (tmp_path / "unseen").iterdir()
+    m = json.loads((folder / "metrics.json").read_text())
+    assert m["slices_seen_in_training"] == 0
+    assert m["default"]["n"] == len(read_run_config(served_run)["split"]["test"])
+
+
+def test_training_run_report_is_self_contained(served_run):
+    page = (served_run / "report.html").read_text()
+    assert "<script" not in page and "http://" not in page and "https://" not in page
+    assert page.count("data:image/png;base64,") >= 6  # curves, confusions, ROC, PR, reliability
+    assert "resampling patients" in page and "Calibration: ECE" in page
+
+
+def test_slice_split_sweep_report_carries_the_leak_banner(synthetic_manifest, tmp_path, capsys):
+    with pytest.warns(UserWarning, match="split is by image"):
+        code = main(["sweep", "--data", str(synthetic_manifest), "--grid", "32x0.35", "--epochs", "2", "--cv", "3",
+                     "--split-by", "slice", "--runs", str(tmp_path / "runs"), "--quiet"])
+    assert code == 0
+    assert "SPLIT BY SLICE" in capsys.readouterr().out
+    (sweep,) = (tmp_path / "runs").iterdir()
+    page = (sweep / "report.html").read_text()
+    assert "likely inflated" in page and "report.html" in page
+    run = next(p for p in sweep.iterdir() if p.is_dir())
+    assert "likely inflated" in (run / "report.html").read_text()
