@@ -74,13 +74,25 @@ def test_litert_predictors_agree_with_keras(tiny_run, exported):
     assert np.abs(int8.predict(x) - keras_p).max() < 0.1  # a few int8 steps of 1/256
 
 
-def test_exported_model_carries_the_run_s_validated_decision(tiny_run, exported):
-    """The card's thresholds (slice, study aggregate and study threshold) are the run's."""
+def test_each_exported_runtime_gets_thresholds_chosen_on_its_own_validation_outputs(tiny_run, exported):
+    """int8 arithmetic moves probabilities, so each runtime's thresholds come from its own outputs."""
+    from ichedge.evaluation import threshold_for_sensitivity
+    from ichedge.predict import split_part
+
+    meta = read_run_config(tiny_run)
+    val, _ = split_part(meta, "val")
     run_decision = Predictor.load(tiny_run).decision
     assert run_decision.study_aggregate == "top3"
-    for kind in ("float32", "int8"):
-        assert Predictor.load(exported.files[kind]).decision == run_decision
-    assert "study:" in (exported.folder / "model_card.md").read_text()
+    by_runtime = exported.card["thresholds"]["by_runtime"]
+    assert {"float32", "int8-reference"} <= set(by_runtime) and any(k.startswith("int8") and k != "int8-reference"
+                                                                    for k in by_runtime)
+    for kind, reference in (("float32", False), ("int8", False), ("int8", True)):
+        predictor = Predictor.load(exported.files[kind], reference_kernels=reference)
+        own = threshold_for_sensitivity(val.y, predictor.predict(val.x), meta["config"]["target_sensitivity"])
+        d = predictor.decision
+        assert d.slice_threshold == pytest.approx(own) == pytest.approx(by_runtime[predictor.runtime]["high_sensitivity"])
+        assert d.study_aggregate == "top3" and d.study_threshold == by_runtime[predictor.runtime]["study"]
+    assert "int8-reference: slice" in (exported.folder / "model_card.md").read_text()
 
 
 def test_tflm_matches_litert_int8_and_finds_the_smallest_arena(exported):

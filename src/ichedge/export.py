@@ -21,7 +21,7 @@ import numpy as np
 
 from ichedge.data import DataError
 from ichedge.model import sha256
-from ichedge.predict import read_run_config, split_inputs
+from ichedge.predict import LiteRTPredictor, preprocessing_of, read_run_config, split_inputs, split_part
 from ichedge.training import finish_run_dir
 from ichedge.triage import study_decision
 
@@ -108,6 +108,23 @@ def calibration_sample(meta: dict, count: int, seed: int = 0) -> np.ndarray:
     return train[rng.permutation(len(train))[:count]]
 
 
+def runtime_thresholds(meta: dict, files: dict[str, Path], aggregate: str) -> dict[str, dict[str, float]]:
+    """Slice and study thresholds chosen on the validation split with each exported model's own
+    outputs: int8 arithmetic shifts probabilities (by up to about 0.5 on CT-ICH) while keeping
+    their order, so the Keras model's thresholds do not carry over. 'int8-reference' is the
+    arithmetic TFLM runs on a microcontroller; 'int8' what LiteRT's default kernels give."""
+    from ichedge.evaluation import choose_thresholds
+
+    val, groups = split_part(meta, "val")
+    config = meta["config"]
+    out = {}
+    for file, reference in (("float32", False), ("int8", False), ("int8", True)):
+        predictor = LiteRTPredictor(files[file], preprocessing_of(meta), reference_kernels=reference)
+        out[predictor.runtime] = choose_thresholds(val.y, predictor.predict(val.x), groups,
+                                                   config["target_sensitivity"], aggregate)
+    return out
+
+
 def export_run(run_dir: str | Path, calibration_images: int = 200, seed: int = 0) -> ExportResult:
     """Write ``RUN_DIR/export`` (or ``export-N`` if taken): never overwrites an earlier export."""
     import keras
@@ -128,6 +145,7 @@ def export_run(run_dir: str | Path, calibration_images: int = 200, seed: int = 0
         files["c_header"].write_text(header)
         files["c_source"].write_text(source)
         card = model_card(meta, metrics, int8_bytes, files, calibration_images)
+        card["thresholds"]["by_runtime"] = runtime_thresholds(meta, files, card["thresholds"]["study_aggregate"])
         (tmp / "model_card.json").write_text(json.dumps(card, indent=2))
         (tmp / "model_card.md").write_text(model_card_markdown(card))
         folder = finish_run_dir(tmp, run_dir / "export")
@@ -180,6 +198,9 @@ def model_card_markdown(card: dict) -> str:
         f"{card['thresholds']['high_sensitivity_target']} on the validation patients",
         f"- study: {card['thresholds']['study']:.4f} on the {card['thresholds']['study_aggregate']} aggregate of "
         "its slices' probabilities, chosen the same way on the validation patients",
+        "- the same choices on each exported model's own validation outputs (used when that model runs):",
+        *(f"  - {rt}: slice {t['high_sensitivity']:.4f}" + (f", study {t['study']:.4f}" if "study" in t else "")
+          for rt, t in card["thresholds"].get("by_runtime", {}).items()),
         "", "## Training and test results (held-out patients, Keras model)",
         f"- data: {card['training']['dataset']}; split by {card['training']['split']}; sizes {card['training']['sizes']}",
         f"- weights: {card['weights']['source']} {card['weights'].get('note', '')}",

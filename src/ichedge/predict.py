@@ -44,8 +44,9 @@ def preprocessing_of(meta: dict) -> Preprocessing:
     return Preprocessing(size=p["size"], channels=p["channels"], crop=p["crop"])
 
 
-def split_inputs(meta: dict, part: str) -> Loaded:
-    """Reload the images of one part (train/val/test) of the split a run was trained on."""
+def split_part(meta: dict, part: str) -> tuple[Loaded, np.ndarray | None]:
+    """Reload the images of one part (train/val/test) of the split a run was trained on, and
+    the patient of each (None without patient IDs)."""
     info = meta["dataset"]
     ds = read_dataset(info["source"], tuple(info["windows"]))
     position = {r.key: i for i, r in enumerate(ds.records)}
@@ -53,7 +54,12 @@ def split_inputs(meta: dict, part: str) -> Loaded:
     missing = [k for k in wanted if k not in position]
     if missing:
         raise DataError(f"{info['source']}: {len(missing)} image(s) of the run's {part} split are gone, e.g. {missing[0]}")
-    return load_inputs(ds, preprocessing_of(meta), [position[k] for k in wanted])
+    loaded = load_inputs(ds, preprocessing_of(meta), [position[k] for k in wanted])
+    return loaded, (ds.groups[loaded.indices] if ds.has_patients else None)
+
+
+def split_inputs(meta: dict, part: str) -> Loaded:
+    return split_part(meta, part)[0]
 
 
 @dataclass(frozen=True)
@@ -66,10 +72,15 @@ class Decision:
     target_sensitivity: float
 
     @staticmethod
-    def from_thresholds(t: dict) -> Decision:
-        """From a model card's ``thresholds``; cards made before study metrics flag a study
-        when any slice is flagged (maximum, at the slice threshold)."""
-        return Decision(float(t["high_sensitivity"]), float(t.get("study", t["high_sensitivity"])),
+    def from_thresholds(t: dict, runtime: str | None = None) -> Decision:
+        """From a model card's ``thresholds``: those chosen on this runtime's own validation
+        outputs where the card has them (int8 arithmetic moves probabilities), else the Keras
+        model's. Cards made before study metrics flag a study when any slice is flagged."""
+        own = t.get("by_runtime", {}).get(runtime or "")
+        if runtime and own is None:
+            log.warning("no thresholds validated on %s outputs in this model card; using the Keras model's", runtime)
+        chosen = own or t
+        return Decision(float(chosen["high_sensitivity"]), float(chosen.get("study", chosen["high_sensitivity"])),
                         t.get("study_aggregate", "max"), float(t["high_sensitivity_target"]))
 
     @staticmethod
@@ -142,7 +153,7 @@ class Predictor(ABC):
                 raise DataError(f"{path}: no model_card.json beside it, so its preprocessing is unknown")
             card = json.loads(card_path.read_text())
             predictor = LiteRTPredictor(path, preprocessing_of(card), num_threads, reference_kernels)
-            predictor.decision = Decision.from_thresholds(card["thresholds"])
+            predictor.decision = Decision.from_thresholds(card["thresholds"], predictor.runtime)
             return predictor
         raise DataError(f"{path}: not a run folder, .keras or .tflite model")
 
@@ -188,8 +199,9 @@ class LiteRTPredictor(Predictor):
         self.interpreter.allocate_tensors()
         self.input = self.interpreter.get_input_details()[0]
         self.output = self.interpreter.get_output_details()[0]
-        self.kind = ("tflite-int8" if self.input["dtype"] == np.int8 else "tflite-float32") + (
+        self.runtime = ("int8" if self.input["dtype"] == np.int8 else "float32") + (
             "-reference" if reference_kernels else "" if self.xnnpack else "-builtin")
+        self.kind = "tflite-" + self.runtime
         self.preprocessing = preprocessing
         self.source = path
 
