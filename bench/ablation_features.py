@@ -11,6 +11,7 @@ patients and scores the test patients of each fold. Prints mean ± sample sd ove
 from __future__ import annotations
 
 import numpy as np
+from scipy import ndimage
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.pipeline import make_pipeline
@@ -19,6 +20,7 @@ from sklearn.preprocessing import StandardScaler
 import keras
 
 from ichedge.data import kfold_splits, load_bundled
+from ichedge.explain import intracranial_mask
 from ichedge.model import build_model, resolve_weights
 from ichedge.preprocess import Preprocessing, load_inputs
 
@@ -76,6 +78,15 @@ def main() -> None:
     both = np.c_[fb, fo, context(fb), context(fo)]
     print(f"{'160px crop: brain, bone + neighbours':<58} {cv_auc(both, y)}")
     print(f"{'160px crop: brain, bone + neighbours, C=0.003':<58} {cv_auc(both, y, 0.003)}")
+    # Skull stripping: brain window zeroed outside the skull (bone-window ring; the head where
+    # the ring is open), to see whether the features need what lies outside the brain.
+    masks = []
+    for b, br in zip(loaded.x[..., 1] / 255.0, loaded.x[..., 0]):
+        inside, head = intracranial_mask(b), ndimage.binary_fill_holes(br > 20)
+        masks.append(ndimage.binary_dilation(inside if inside.sum() >= 0.3 * max(head.sum(), 1) else head, iterations=2))
+    stripped = np.repeat((loaded.x[..., :1] * np.array(masks)[..., None]).astype(np.uint8), 3, -1)
+    (fs,) = [o.mean((1, 2)) for o in backbone_outputs(stripped, 160, ("out_relu",))]
+    print(f"{'160px crop: skull-stripped brain window':<58} {cv_auc(fs, y)}")
 
 
 if __name__ == "__main__":

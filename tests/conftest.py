@@ -31,6 +31,14 @@ def synthetic_slice(rng: np.random.Generator, bleed: bool, size: int = 64) -> np
     return (np.clip(img, 0, 1) * 255).astype(np.uint8)
 
 
+def write_rows(path: Path, rows: list[dict]) -> Path:
+    with path.open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
 def write_manifest(root: Path, patients: int = 8, slices: int = 6, seed: int = 0) -> Path:
     """A CT-ICH style labels.csv with synthetic brain and bone images; half the patients bleed."""
     rng = np.random.default_rng(seed)
@@ -46,12 +54,7 @@ def write_manifest(root: Path, patients: int = 8, slices: int = 6, seed: int = 0
             Image.fromarray(255 - img).save(root / "bone" / name)
             rows.append({"patient": p, "slice": s, "hemorrhage": int(bleed),
                          "brain": f"brain/{name}", "bone": f"bone/{name}"})
-    path = root / "labels.csv"
-    with path.open("w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    return path
+    return write_rows(root / "labels.csv", rows)
 
 
 @pytest.fixture
@@ -144,12 +147,7 @@ def write_dicom_manifest(root: Path, patients: int = 12, slices: int = 6, seed: 
             write_ct_dicom(root / name, ct_phantom(rng, bleed), z=5.0 * s, instance=s,
                            study=f"1.2.826.0.1.3680043.8.498.{p + 10}", series=f"1.2.826.0.1.3680043.8.498.{p + 10}.1")
             rows.append({"patient": p, "slice": s, "hemorrhage": int(bleed), "dicom": name})
-    path = root / "labels.csv"
-    with path.open("w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    return path
+    return write_rows(root / "labels.csv", rows)
 
 
 @pytest.fixture(scope="session")

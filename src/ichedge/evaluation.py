@@ -257,6 +257,12 @@ def _pyplot():
     return plt
 
 
+def _save(fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
+
+
 def plot_history(history: Mapping[str, Sequence[float]], path: Path) -> None:
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
@@ -273,9 +279,7 @@ def plot_history(history: Mapping[str, Sequence[float]], path: Path) -> None:
         first_ft = list(history["phase"]).index("fine-tune") + 0.5
         for ax in axes:
             ax.axvline(first_ft, color="grey", lw=0.8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_confusion(m: Mapping[str, float], path: Path, title: str) -> None:
@@ -290,9 +294,7 @@ def plot_confusion(m: Mapping[str, float], path: Path, title: str) -> None:
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_pr(y: np.ndarray, p: np.ndarray, points: Mapping[str, Mapping[str, float]], path: Path) -> None:
@@ -309,9 +311,7 @@ def plot_pr(y: np.ndarray, p: np.ndarray, points: Mapping[str, Mapping[str, floa
     ax.set_ylabel("precision (PPV)")
     ax.set_ylim(0, 1.02)
     ax.legend(loc="upper right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_reliability(y: np.ndarray, p: np.ndarray, path: Path, temperature: float | None = None, bins: int = 10) -> None:
@@ -328,9 +328,7 @@ def plot_reliability(y: np.ndarray, p: np.ndarray, path: Path, temperature: floa
     ax.set_xlabel("mean predicted probability")
     ax.set_ylabel("observed hemorrhage rate")
     ax.legend(loc="upper left", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_roc(y: np.ndarray, p: np.ndarray, points: Mapping[str, Mapping[str, float]], path: Path) -> None:
@@ -344,9 +342,7 @@ def plot_roc(y: np.ndarray, p: np.ndarray, points: Mapping[str, Mapping[str, flo
     ax.set_xlabel("1 - specificity")
     ax.set_ylabel("sensitivity")
     ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 # --- a trained model on any dataset ---------------------------------------------------------------
