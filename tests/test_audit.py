@@ -42,7 +42,8 @@ def test_audit_finds_exact_and_near_duplicates_and_twins_across_the_split(tmp_pa
 def test_grouping_by_clusters_keeps_copies_on_one_side(tmp_path):
     ds = read_class_folders(class_folders_with_copies(tmp_path / "kaggle"))
     grouped = group_by_clusters(ds, audit(ds).clusters)
-    assert grouped.has_patients and "not patients" in grouped.notes[-1]
+    assert grouped.split_unit == "near-duplicate cluster" and "not patients" in grouped.notes[-1]
+    assert [r.key for r in grouped.records] == [r.key for r in ds.records]  # a run of it can be reloaded
     for seed in range(5):
         split = train_val_test_split(grouped, test=0.25, val=0.25, seed=seed)
         check_no_patient_overlap(grouped, split)
@@ -70,5 +71,9 @@ def test_audit_cli_writes_pairs_json_and_report(tmp_path, capsys):
     (folder,) = (tmp_path / "runs").iterdir()
     summary = json.loads((folder / "audit.json").read_text())
     assert summary["split_by"] == "image" and summary["near_duplicate_pairs"] == 2
+    assert main(["audit", str(data), "--group-by-near-duplicates", "--runs", str(tmp_path / "grouped")]) == 0
+    (folder,) = (tmp_path / "grouped").iterdir()
+    summary = json.loads((folder / "audit.json").read_text())
+    assert summary["split_by"] == "near-duplicate cluster" and summary["split_leaks"]["test_with_train_twin"] == 0
     assert (folder / "near_duplicates.csv").read_text().count("\n") == 3
     assert "No patient IDs" in (folder / "report.html").read_text()

@@ -56,7 +56,7 @@ def test_sweep_writes_the_paper_table_with_folds(tmp_path):
     summary = json.loads((sweep / "results.json").read_text())
     assert len(summary[0]["folds"]) == 2
     md = (sweep / "results.md").read_text()
-    assert "| rho | alpha | weights |" in md and "patient-grouped folds" in md
+    assert "| rho | alpha | weights |" in md and "2 folds grouped by patient" in md
 
 
 def test_an_interrupted_sweep_keeps_its_finished_runs(tmp_path, monkeypatch):

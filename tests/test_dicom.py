@@ -100,3 +100,28 @@ def test_three_window_on_a_jpeg_dataset_names_what_is_missing(synthetic_manifest
 
     with pytest.raises(DataError, match="missing column.*subdural.*needs HU"):
         read_manifest(synthetic_manifest, windows=("brain", "subdural", "bone"))
+
+
+def test_malformed_headers_become_named_errors_and_never_echo_values(tmp_path, recwarn, caplog):
+    import pydicom
+
+    pydicom.config.settings.writing_validation_mode = pydicom.config.IGNORE
+    try:
+        odd = write_ct_dicom(tmp_path / "odd.dcm", np.zeros((4, 4)), study="1.2.3.SECRETSTUDY", instance=7)
+        element = b"\x20\x00\x13\x00IS\x02\x007 "  # InstanceNumber "7", explicit VR little endian
+        assert element in odd.read_bytes()
+        odd.write_bytes(odd.read_bytes().replace(element, element[:-2] + b"ab"))  # not a number
+        bad_syntax = write_ct_dicom(tmp_path / "syntax.dcm", np.zeros((4, 4)))
+        ds = pydicom.dcmread(bad_syntax)
+        ds.file_meta.TransferSyntaxUID = "1.2.3.4.5"
+        ds.save_as(bad_syntax, enforce_file_format=True)
+    finally:
+        pydicom.config.settings.writing_validation_mode = pydicom.config.RAISE
+    recwarn.clear()
+    caplog.clear()
+    s = read_ct_slice(odd)
+    assert s.instance is None and s.study.startswith("study-")
+    with pytest.raises(DicomError, match=r"syntax\.dcm: transfer syntax not recognised"):
+        read_ct_slice(bad_syntax)
+    said = [str(w.message) for w in recwarn] + [caplog.text]
+    assert not any("SECRETSTUDY" in text for text in said)

@@ -7,15 +7,17 @@ import pytest
 
 from ichedge.cli import main
 from ichedge.predict import read_run_config
+from tests.conftest import write_manifest
 
 
 def _training_manifest(run):
     return read_run_config(run)["dataset"]["source"]
 
 
-def test_evaluate_on_new_data_reports_intervals_and_no_leak(served_run, synthetic_manifest, tmp_path, capsys):
+def test_evaluate_on_new_data_reports_intervals_and_no_leak(served_run, tmp_path, capsys):
+    other = write_manifest(tmp_path / "other", patients=6, seed=11)  # not the images the model saw
     model = next(served_run.glob("export*/model_int8.tflite"))
-    assert main(["evaluate", str(model), str(synthetic_manifest), "--runs", str(tmp_path / "runs"), "--quiet"]) == 0
+    assert main(["evaluate", str(model), str(other), "--runs", str(tmp_path / "runs"), "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "95% CI, resampling patients" in out and "WARNING" not in out
     (folder,) = (tmp_path / "runs").iterdir()

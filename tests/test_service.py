@@ -114,10 +114,14 @@ def test_unusable_uploads_get_a_422_naming_the_file(client, name, data, message)
     assert any(message in e["error"] for e in detail["errors"])
 
 
+STUDY, SERIES = "1.3.6.1.4.1.9999.42.7", "1.3.6.1.4.1.9999.42.7.3"  # distinctive: no generated UID contains them
+
+
 def test_wrong_modality_and_uid_free_errors(client, tmp_path):
-    r = client.post("/api/predict", files=files(("mr.dcm", dicom_bytes(tmp_path, modality="MR"))))
+    data = dicom_bytes(tmp_path, modality="MR", study=STUDY, series=SERIES)
+    r = client.post("/api/predict", files=files(("mr.dcm", data)))
     assert r.status_code == 422 and "mr.dcm: modality MR, not CT" in r.text
-    assert all(secret not in r.text for secret in PHI.values())
+    assert all(secret not in r.text for secret in [*PHI.values(), STUDY])
 
 
 def test_request_shape_errors_are_4xx_with_a_message(client):
@@ -152,11 +156,17 @@ def test_uploads_stay_in_memory_unless_kept_and_kept_ones_are_deidentified(serve
     assert rolled == []
     keep = tmp_path / "kept"
     k = TestClient(create_app(served_run, keep_uploads=keep, explain=False))
-    assert k.post("/api/predict", files=files(("a.dcm", dicom_bytes(tmp_path)), ("x.txt", b"x"))).status_code == 200
+    upload = dicom_bytes(tmp_path, study=STUDY, series=SERIES)
+    assert k.post("/api/predict", files=files(("a.dcm", upload), ("x.txt", b"x"))).status_code == 200
     (saved,) = keep.iterdir()
     assert saved.suffix == ".dcm"
     raw = saved.read_bytes()
-    assert all(secret.encode() not in raw for secret in PHI.values())
+    import pydicom
+
+    sop = str(pydicom.dcmread(io.BytesIO(upload)).SOPInstanceUID)
+    assert all(secret.encode() not in raw for secret in [*PHI.values(), STUDY, SERIES, sop])
+    kept = pydicom.dcmread(saved)
+    assert kept.PatientIdentityRemoved == "YES" and kept.StudyInstanceUID and kept.Modality == "CT"
 
 
 def test_serve_binds_to_loopback_by_default():

@@ -128,11 +128,10 @@ def test_predict_cli_on_dicom_series_with_bad_files_and_no_identifying_output(di
         assert not any(secret in t for t in texts), secret
 
 
-def test_predict_images_with_a_gray_model_and_decision_from_the_model(dicom_run, tmp_path, synthetic_manifest):
-    """A gray model reads PNG slices, one study per folder; a three-window model refuses them by name."""
+def test_images_are_read_in_gray_mode_and_refused_by_name_where_hu_is_needed(synthetic_manifest):
+    """PNG slices form one study per folder; a three-window model refuses them by name."""
     pngs = sorted((synthetic_manifest.parent / "brain").glob("00[01]_*.png"))
     sources = [Source(str(p), p.read_bytes()) for p in pngs] + [Source("upload.png", b"\x89PNG\r\n\x1a\n broken")]
-    run, _ = dicom_run
     refused = prepare_sources(sources, Preprocessing(32, "three-window", crop=False))
     assert len(refused.x) == 0 and all("needs DICOM input" in e for e in refused.errors[:len(pngs)])
     gray = prepare_sources(sources, Preprocessing(32, "gray"))

@@ -20,7 +20,7 @@ from PIL import Image
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from ichedge.data import DataError, Dataset, Record, Split
+from ichedge.data import DataError, Dataset, Split
 from ichedge.preprocess import record_windows
 
 HASH_SIZE = 16  # a 256-bit pHash: 64 bits cannot tell a neighbouring slice from another patient's
@@ -130,8 +130,8 @@ def group_by_clusters(ds: Dataset, clusters: np.ndarray) -> Dataset:
     """The dataset with near-duplicate clusters standing in for patients, for splitting only."""
     if ds.has_patients:
         raise DataError(f"{ds.name}: has patient IDs; split by patient instead")
-    records = [Record(r.images, r.label, f"cluster-{c}", r.slice) for r, c in zip(ds.records, clusters)]
-    return replace(ds, records=records, has_patients=True,
+    records = [replace(r, group=f"cluster-{c}") for r, c in zip(ds.records, clusters)]
+    return replace(ds, records=records,
                    notes=[*ds.notes, "groups are near-duplicate clusters, not patients: leakage across patients is still possible"])
 
 
@@ -159,7 +159,7 @@ def run_audit(ds: Dataset, runs_root: Path, max_distance: int = DEFAULT_MAX_DIST
     try:
         write_pairs(tmp / "near_duplicates.csv", ds, result)
         (tmp / "audit.json").write_text(json.dumps({
-            "dataset": ds.summary(), "split_by": "patient" if ds.has_patients else "image",
+            "dataset": ds.summary(), "split_by": ds.split_unit,
             "max_distance": result.max_distance, "images": result.images,
             "exact_duplicate_groups": [[str(ds.records[i].path) for i in g] for g in result.exact_groups],
             "near_duplicate_pairs": int(len(result.pairs)), "split_leaks": result.split_leaks,

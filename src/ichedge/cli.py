@@ -85,7 +85,7 @@ def _grouped(ds, args: argparse.Namespace):
         from ichedge.audit import audit, group_by_clusters
 
         result = audit(ds)
-        print(f"grouping by {len(set(result.clusters))} near-duplicate clusters (not patients)")
+        print(f"grouping by {len(set(result.clusters[result.clusters >= 0]))} near-duplicate clusters (not patients)")
         return group_by_clusters(ds, result.clusters)
     return ds
 

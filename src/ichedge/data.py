@@ -51,6 +51,7 @@ class Record:
     label: int
     patient: str | None = None
     slice: int | None = None
+    group: str | None = None  # what splits keep together where patients are unknown (a look-alike cluster)
 
     @property
     def key(self) -> str:
@@ -84,10 +85,21 @@ class Dataset:
         return np.array([r.label for r in self.records], dtype=np.int64)
 
     @property
+    def split_unit(self) -> str:
+        """What a split keeps together: 'patient', 'near-duplicate cluster' or 'image'."""
+        if self.has_patients:
+            return "patient"
+        if self.records and all(r.group is not None for r in self.records):
+            return "near-duplicate cluster"
+        return "image"
+
+    @property
     def groups(self) -> np.ndarray:
-        """Patient IDs, or one group per image where the layout has no patients."""
+        """Patient IDs, else near-duplicate clusters, else one group per image."""
         if self.has_patients:
             return np.array([r.patient for r in self.records])
+        if self.split_unit == "near-duplicate cluster":
+            return np.array([r.group for r in self.records])
         return np.arange(len(self.records)).astype(str)
 
     def summary(self) -> str:
@@ -252,7 +264,7 @@ def _leak_warning(ds: Dataset) -> None:
 def _group_folds(ds: Dataset, n: int, seed: int, indices: np.ndarray | None = None):
     idx = np.arange(len(ds)) if indices is None else np.asarray(indices)
     y = ds.labels[idx]
-    if ds.has_patients:
+    if ds.split_unit != "image":
         splitter = StratifiedGroupKFold(n_splits=n, shuffle=True, random_state=seed)
         parts = splitter.split(idx, y, ds.groups[idx])
     else:
@@ -266,7 +278,7 @@ def kfold_splits(ds: Dataset, folds: int = 5, seed: int = 0, val_folds: int = 4)
     The validation set (for thresholds and early choices) is carved out of each fold's training
     patients the same way, holding out 1/``val_folds`` of them.
     """
-    if not ds.has_patients:
+    if ds.split_unit == "image":
         _leak_warning(ds)
     if len(set(ds.groups[ds.labels == 1])) < folds:
         raise DataError(f"{ds.name}: fewer positive patients than folds ({folds})")
@@ -285,8 +297,8 @@ def train_val_test_split(ds: Dataset, test: float = 0.2, val: float = 0.2, seed:
 
 
 def check_no_patient_overlap(ds: Dataset, split: Split) -> None:
-    """Raise if any patient appears in more than one part of a split."""
-    if not ds.has_patients:
+    """Raise if any patient (or near-duplicate cluster) appears in more than one part of a split."""
+    if ds.split_unit == "image":
         return
     g = ds.groups
     parts = {name: set(g[getattr(split, name)]) for name in ("train", "val", "test")}

@@ -10,12 +10,18 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from pydicom.uid import AllTransferSyntaxes as ALL_TRANSFER_SYNTAXES
+
 from ichedge.data import DataError
+
+logging.getLogger("pydicom").setLevel(logging.ERROR)  # its warnings quote header values
 
 # (level, width) in HU.
 WINDOWS: dict[str, tuple[float, float]] = {
@@ -85,13 +91,29 @@ def _position(ds) -> float | None:
 def read_ct_slice(path: str | Path, data: bytes | None = None) -> CTSlice:
     """Read one single-frame CT DICOM file as HU; DicomError says precisely why one cannot be used.
 
-    ``data``, if given, holds the file's bytes (an upload) and ``path`` only names it.
+    ``data``, if given, holds the file's bytes (an upload) and ``path`` only names it. pydicom's
+    warnings about malformed values quote those values (UIDs among them), so they are silenced
+    here, and any other failure on a malformed header becomes a DicomError naming only the file.
     """
+    import pydicom
+
+    path = Path(path)
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return _read_ct_slice(path, data)
+        except DicomError:
+            raise
+        except Exception as exc:
+            raise DicomError(f"{path}: malformed DICOM header or pixel data ({type(exc).__name__})") from None
+
+
+def _read_ct_slice(path: Path, data: bytes | None) -> CTSlice:
     import pydicom
     from pydicom.errors import InvalidDicomError
     from pydicom.pixels import apply_modality_lut, get_decoder
 
-    path = Path(path)
     try:
         ds = pydicom.dcmread(io.BytesIO(data) if data is not None else path)
     except InvalidDicomError:
@@ -99,7 +121,7 @@ def read_ct_slice(path: str | Path, data: bytes | None = None) -> CTSlice:
     except FileNotFoundError:
         raise DicomError(f"{path}: file not found") from None
     except Exception as exc:  # truncated or garbled files raise many types inside pydicom
-        raise DicomError(f"{path}: unreadable DICOM ({type(exc).__name__}: {exc})") from None
+        raise DicomError(f"{path}: unreadable DICOM ({type(exc).__name__})") from None
     modality = str(ds.get("Modality", "") or "")
     sop_class = str(ds.get("SOPClassUID", "") or "")
     if modality != "CT" if modality else sop_class not in CT_IMAGE_STORAGE:
@@ -107,6 +129,8 @@ def read_ct_slice(path: str | Path, data: bytes | None = None) -> CTSlice:
     if "PixelData" not in ds:
         raise DicomError(f"{path}: no pixel data (a report, structured or directory object?)")
     syntax = getattr(ds, "file_meta", {}).get("TransferSyntaxUID")
+    if syntax is not None and syntax not in ALL_TRANSFER_SYNTAXES:
+        raise DicomError(f"{path}: transfer syntax not recognised")
     if syntax is not None and syntax.is_compressed:
         try:
             available = get_decoder(syntax).is_available
@@ -118,19 +142,26 @@ def read_ct_slice(path: str | Path, data: bytes | None = None) -> CTSlice:
     try:
         pixels = ds.pixel_array
     except Exception as exc:
-        raise DicomError(f"{path}: pixel data unreadable ({type(exc).__name__}: {exc})") from None
+        raise DicomError(f"{path}: pixel data unreadable ({type(exc).__name__})") from None
     if pixels.ndim != 2:
-        raise DicomError(f"{path}: {pixels.shape[0]} frames or colour samples; ichedge reads single-frame grayscale CT")
+        raise DicomError(f"{path}: pixel array of shape {pixels.shape}; ichedge reads single-frame grayscale CT")
     hu = np.asarray(apply_modality_lut(pixels, ds), dtype=np.float32)
-    instance = ds.get("InstanceNumber")
     return CTSlice(
         path=path,
         study=pseudonym(ds.get("StudyInstanceUID"), "study"),
         series=pseudonym(ds.get("SeriesInstanceUID"), "series"),
         position=_position(ds),
-        instance=int(instance) if instance not in (None, "") else None,
+        instance=_instance(ds),
         hu=hu,
     )
+
+
+def _instance(ds) -> int | None:
+    """InstanceNumber, or None where it is missing or malformed (ordering then falls back)."""
+    try:
+        return int(ds.get("InstanceNumber"))
+    except (TypeError, ValueError):
+        return None
 
 
 def order_series(slices: list[CTSlice]) -> dict[tuple[str, str], list[CTSlice]]:
@@ -162,15 +193,35 @@ IDENTIFYING_FIELDS = (
 
 
 def deidentify(data: bytes) -> bytes:
-    """A copy of a DICOM file with identifying fields emptied and private tags removed."""
-    import pydicom
+    """A copy of a DICOM file without what identifies the patient.
 
-    ds = pydicom.dcmread(io.BytesIO(data))
-    for name in IDENTIFYING_FIELDS:
-        if name in ds:
-            ds.data_element(name).value = ""
-    ds.remove_private_tags()
-    ds.PatientIdentityRemoved = "YES"
-    out = io.BytesIO()
-    ds.save_as(out, enforce_file_format=True)
+    Person names and dates are emptied everywhere (nested sequences too), so are the fields in
+    :data:`IDENTIFYING_FIELDS`; private tags are removed; instance UIDs are replaced by UIDs
+    derived from them, so the slices of one series still group together. Class and transfer
+    syntax UIDs stay: they describe the data, not the patient.
+    """
+    import pydicom
+    from pydicom.multival import MultiValue
+    from pydicom.uid import generate_uid
+
+    def new_uid(value: object) -> str:
+        return generate_uid(entropy_srcs=[str(value)])
+
+    def clean(_, elem) -> None:
+        if elem.VR in ("PN", "DA", "DT") or elem.keyword in IDENTIFYING_FIELDS:
+            elem.value = ""
+        elif elem.VR == "UI" and elem.value and not elem.keyword.endswith(("ClassUID", "TransferSyntaxUID")):
+            elem.value = [new_uid(v) for v in elem.value] if isinstance(elem.value, MultiValue) else new_uid(elem.value)
+
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds = pydicom.dcmread(io.BytesIO(data))
+        ds.remove_private_tags()
+        ds.walk(clean)
+        if "SOPInstanceUID" in ds:
+            ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.PatientIdentityRemoved = "YES"
+        out = io.BytesIO()
+        ds.save_as(out, enforce_file_format=True)
     return out.getvalue()

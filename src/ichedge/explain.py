@@ -36,7 +36,6 @@ class GradCAM:
     def _gradcam(self, inputs: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         with tf.GradientTape() as tape:
             fmap = self.backbone(self.rescale(inputs), training=False)
-            tape.watch(fmap)
             hidden = self.dense(self.pool(fmap))
             logit = tf.matmul(hidden, self.out.kernel) + self.out.bias
         grads = tape.gradient(logit, fmap)

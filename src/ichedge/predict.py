@@ -405,7 +405,7 @@ def write_triage(out_root: Path, result: TriageResult, prepared: Prepared, predi
             (tmp / "heatmaps").mkdir()
             for k in result.explained:
                 s = result.slices[k]
-                s.heatmap = f"heatmaps/{safe_name(s.study)}_{s.index:04d}.png"
+                s.heatmap = f"heatmaps/{k:05d}_{safe_name(s.study)}_{s.index:04d}.png"  # k: unique
                 save_overlay(tmp / s.heatmap, prepared.x[k], result.heatmaps[k])
         d = predictor.decision
         meta = {"model": str(predictor.source), "kind": predictor.kind,

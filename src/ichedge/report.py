@@ -154,16 +154,19 @@ def write_run_report(folder: Path, meta: dict, metrics: dict) -> Path:
                   "weights": f"{meta['weights']['source']} {meta['weights'].get('note', '')}"})
     r.heading("Configuration")
     r.code({"config": c, "preprocessing": meta["preprocessing"]})
-    r.link("model card (after `ichedge export`)", "export/model_card.md")
+    r.link("model card (after `ichedge export`; later exports are export-1, export-2, ...)", "export/model_card.md")
     return r.write(folder / "report.html", meta["dataset"].get("credit", ""))
 
 
 def write_sweep_report(folder: Path, rows: list[dict], notes: list[str], dataset, runs: list[list[str]]) -> Path:
     """report.html of a sweep: the paper-style table, how to read it, and links to every run's report."""
     r = Report(f"Sweep: {dataset.summary()}")
-    if not dataset.has_patients:
+    if dataset.split_unit == "image":
         r.banners.append("No patient IDs: the folds are split by image, so one patient's slices can be in training "
                          "and test. These numbers are likely inflated.")
+    elif dataset.split_unit != "patient":
+        r.banners.append("No patient IDs: the folds keep near-duplicate clusters together, not patients, so one "
+                         "patient's slices can still be in training and test. These numbers may be inflated.")
     r.paragraph(" ".join(n for n in notes if n))
     r.table(rows)
     r.heading("Runs")

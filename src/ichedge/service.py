@@ -13,6 +13,8 @@ import base64
 import hashlib
 import io
 import json
+import os
+import tempfile
 import threading
 from dataclasses import asdict, dataclass
 from importlib import resources
@@ -114,23 +116,33 @@ class TriageService:
         with self.lock:
             result = triage(prepared, self.predictor, explain, self.explainer)
         if self.keep_uploads is not None:
-            self._keep(sources, prepared)
+            result.errors += self._keep(sources, prepared)
         return prepared, result
 
-    def _keep(self, sources: list[Source], prepared: Prepared) -> None:
-        """Usable uploads only, named by content hash; DICOM without identifying fields."""
+    def _keep(self, sources: list[Source], prepared: Prepared) -> list[str]:
+        """Usable uploads only, named by content hash; DICOM without identifying fields.
+
+        A file that cannot be kept is reported, never an error of the whole request; a unique
+        temporary name per write keeps concurrent uploads of the same file apart.
+        """
+        problems = []
         self.keep_uploads.mkdir(parents=True, exist_ok=True)
         used = set(prepared.files)
         for src in sources:
             if src.name not in used:
                 continue
-            is_dicom = file_kind(src.data) == "dicom"
-            data = deidentify(src.data) if is_dicom else src.data
-            suffix = ".dcm" if is_dicom else ".png" if data.startswith(b"\x89PNG") else ".jpg"
-            target = self.keep_uploads / (hashlib.sha256(src.data).hexdigest()[:20] + suffix)
-            tmp = target.with_suffix(".part")
-            tmp.write_bytes(data)
-            tmp.replace(target)
+            try:
+                is_dicom = file_kind(src.data) == "dicom"
+                data = deidentify(src.data) if is_dicom else src.data
+                suffix = ".dcm" if is_dicom else ".png" if data.startswith(b"\x89PNG") else ".jpg"
+                target = self.keep_uploads / (hashlib.sha256(src.data).hexdigest()[:20] + suffix)
+                handle, tmp = tempfile.mkstemp(dir=self.keep_uploads, suffix=".part")
+                with os.fdopen(handle, "wb") as fh:
+                    fh.write(data)
+                os.replace(tmp, target)
+            except Exception as exc:  # pydicom and the file system raise many types; scoring already succeeded
+                problems.append(f"{src.name}: scored, but not kept ({type(exc).__name__})")
+        return problems
 
 
 async def read_uploads(request: Request, limits: Limits) -> tuple[list[Source], list[dict], str]:

@@ -189,8 +189,9 @@ def table_rows(results: Sequence[ConfigResult], folds: int) -> list[dict[str, st
             row["study specificity"] = _fmt(st["specificity"], True, folds) + "%"
         if r.pooled:
             row["pooled AUC (95% CI)"] = interval(r.pooled["auc"])
-            row["hs sensitivity 95% CI"] = f"{r.pooled['sensitivity']['low']:.2f}-{r.pooled['sensitivity']['high']:.2f}"
-            row["hs specificity 95% CI"] = f"{r.pooled['specificity']['low']:.2f}-{r.pooled['specificity']['high']:.2f}"
+            for m in ("sensitivity", "specificity"):
+                ci = r.pooled[m]
+                row[f"hs {m} 95% CI"] = f"{100 * ci['low']:.1f}-{100 * ci['high']:.1f}%"
         row["train s"] = f"{r.seconds:.0f}"
         if r.profile:
             row.update(profile_columns(r.profile))
@@ -227,10 +228,9 @@ def write_tables(out: Path, results: Sequence[ConfigResult], dataset: Dataset, f
         w.writeheader()
         w.writerows(rows)
     header = list(rows[0])
-    split = f"{folds} patient-grouped folds (mean ± sd)" if folds > 1 else "one patient-level split"
-    lines = [
-        f"# Sweep: {dataset.summary()}",
-        "",
+    unit = dataset.split_unit
+    split = f"{folds} folds grouped by {unit} (mean ± sd)" if folds > 1 else f"one split by {unit}"
+    notes = [
         f"Evaluation: {split}. Our loss, accuracy and TP/FP/FN/TN rates (within each true class) are",
         "on the test slices at threshold 0.5, as the paper reports them; 'hs' columns are at the",
         f"threshold chosen on validation for sensitivity >= {results[0].config.target_sensitivity}.",
@@ -238,18 +238,17 @@ def write_tables(out: Path, results: Sequence[ConfigResult], dataset: Dataset, f
         "its slices (positive when any slice is), at a study threshold chosen the same way.",
         "Paper columns: Li's Tables 1-5, measured on a Kaggle set without patient IDs (slice-level",
         "split, so patients leak); they are not comparable to a patient-level split.",
-        "",
-        "| " + " | ".join(header) + " |",
-        "|" + "---|" * len(header),
     ]
-    lines += ["| " + " | ".join(r[h] for h in header) + " |" for r in rows]
     if results[0].pooled:
-        lines += ["", "95% CIs: all folds' test patients pooled and resampled by patient (2,000 draws); "
+        notes += ["95% CIs: all folds' test patients pooled and resampled by patient (2,000 draws);",
                   "sensitivity and specificity at each fold's own validation-chosen threshold."]
+    lines = [f"# Sweep: {dataset.summary()}", "", *notes, "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r[h] for h in header) + " |" for r in rows]
     if dataset.credit:
         lines += ["", f"Data: {dataset.credit}"]
     (out / "results.md").write_text("\n".join(lines) + "\n")
-    write_sweep_report(out, rows, lines[2:6], dataset, [r.runs for r in results])
+    write_sweep_report(out, rows, notes, dataset, [r.runs for r in results])
     (out / "results.json").write_text(json.dumps(
         [{"config": r.config.to_json(), "weights": r.weights, "training": r.training, "runs": r.runs,
           "seconds": r.seconds, "phase_seconds": r.phase_seconds, "profile": r.profile, "summary": r.summary,

@@ -76,22 +76,20 @@ class StudyResult:
     """A study (DICOM series, or a folder of images) on the worklist."""
 
     study: str
-    description: str
     slices: int
     score: float
     flagged: bool
     top_slices: list[int] = field(default_factory=list)  # indices, most suspicious first
-    errors: list[str] = field(default_factory=list)
 
 
 def build_worklist(
     slices: Sequence[SliceResult], slice_threshold: float, method: str = DEFAULT_AGGREGATE,
-    study_threshold: float | None = None, descriptions: dict[str, str] | None = None,
+    study_threshold: float | None = None,
 ) -> list[StudyResult]:
     """Studies ordered by urgency: flagged first, then by score, highest first.
 
-    With ``method="max"`` a study is flagged exactly when one of its slices is, so the study
-    threshold defaults to the slice threshold.
+    A study is flagged when its score reaches ``study_threshold``; without one, the slice
+    threshold (with ``method="max"``: exactly when one of its slices is flagged).
     """
     threshold = slice_threshold if study_threshold is None else study_threshold
     by: dict[str, list[SliceResult]] = {}
@@ -101,8 +99,7 @@ def build_worklist(
     for study, members in by.items():
         score = study_score([s.probability for s in members], method)
         ranked = sorted(members, key=lambda s: -s.probability)
-        studies.append(StudyResult(study, (descriptions or {}).get(study, ""), len(members), score,
-                                   score >= threshold, [s.index for s in ranked[:5]]))
+        studies.append(StudyResult(study, len(members), score, score >= threshold, [s.index for s in ranked[:5]]))
     return sorted(studies, key=lambda s: (not s.flagged, -s.score, s.study))
 
 
@@ -115,9 +112,8 @@ def write_worklist(folder: Path, slices: Sequence[SliceResult], studies: Sequenc
             w.writerow({**asdict(s), "probability": f"{s.probability:.6f}"})
     with (folder / "worklist.csv").open("w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["rank", "study", "description", "slices", "score", "flagged", "top_slices", "errors"])
+        w.writerow(["rank", "study", "slices", "score", "flagged", "top_slices"])
         for rank, s in enumerate(studies, 1):
-            w.writerow([rank, s.study, s.description, s.slices, f"{s.score:.6f}", s.flagged,
-                        " ".join(map(str, s.top_slices)), " | ".join(s.errors)])
+            w.writerow([rank, s.study, s.slices, f"{s.score:.6f}", s.flagged, " ".join(map(str, s.top_slices))])
     doc = {**meta, "worklist": [asdict(s) for s in studies], "slices": [asdict(s) for s in slices]}
     (folder / "worklist.json").write_text(json.dumps(doc, indent=2))

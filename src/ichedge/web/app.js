@@ -60,19 +60,22 @@ async function upload(files) {
   // Images of one upload form one study, named after it (DICOM series are named by the server).
   form.append("study", files.length > 1 ? `${files[0].name} +${files.length - 1}` : files[0].name);
   $("status").textContent = `scoring ${files.length} file(s)…`;
+  $("errors").replaceChildren();  // errors shown are those of this upload
   const started = performance.now();
-  let body;
+  let r, body;
   try {
-    const r = await fetch("/api/studies", { method: "POST", body: form });
-    body = await r.json();
-    if (!r.ok) {
-      const d = body.detail;
-      $("status").textContent = "error: " + (typeof d === "string" ? d : d.message);
-      showErrors(d.errors || []);
-      return;
-    }
+    r = await fetch("/api/studies", { method: "POST", body: form });
   } catch (e) {
     $("status").textContent = "error: the service did not answer (" + e + ")";
+    return;
+  }
+  const isJson = (r.headers.get("content-type") || "").includes("application/json");
+  body = isJson ? await r.json() : { detail: `${r.status} ${r.statusText}` };
+  if (!r.ok) {
+    const d = body.detail;
+    const message = typeof d === "string" ? d : Array.isArray(d) ? d.map((x) => x.msg).join("; ") : d.message;
+    $("status").textContent = "error: " + message;
+    showErrors((d && d.errors) || []);
     return;
   }
   const results = $("results");
