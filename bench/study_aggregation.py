@@ -16,7 +16,7 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 
 from ichedge.evaluation import evaluate_studies
-from ichedge.triage import AGGREGATES, group_labels, group_scores
+from ichedge.triage import AGGREGATES, study_arrays
 
 
 def fold_parts(run: Path) -> dict[str, tuple[list[str], np.ndarray, np.ndarray]]:
@@ -27,9 +27,7 @@ def fold_parts(run: Path) -> dict[str, tuple[list[str], np.ndarray, np.ndarray]]
 
 
 def study_auc(groups: list[str], y: np.ndarray, p: np.ndarray, method: str) -> float:
-    scores, labels = group_scores(groups, p, method), group_labels(groups, y)
-    keys = sorted(scores)
-    return float(roc_auc_score([labels[k] for k in keys], [scores[k] for k in keys]))
+    return float(roc_auc_score(*study_arrays(groups, y, p, method)))
 
 
 def main(sweep: Path, configs: list[str]) -> None:

@@ -121,3 +121,19 @@ def test_unusable_splits_fail_before_training():
         check_split_usable(y, Split(np.array([0, 2]), np.array([1, 4]), np.array([3, 5])))
     with pytest.raises(Exception, match="test split is empty"):
         check_split_usable(y, Split(np.array([0, 2]), np.array([1, 3]), np.array([], dtype=int)))
+
+
+def test_run_folder_appears_whole_or_not_at_all(tmp_path):
+    from ichedge.training import run_folder
+
+    with pytest.raises(RuntimeError):
+        with run_folder(tmp_path, "evaluate") as folder:
+            (folder.tmp / "half.json").write_text("{")
+            raise RuntimeError("interrupted")
+    assert list(tmp_path.iterdir()) == []
+    with run_folder(tmp_path, "evaluate") as first:
+        (first.tmp / "a.txt").write_text("a")
+    with run_folder(tmp_path, "evaluate") as second:
+        (second.tmp / "b.txt").write_text("b")
+    assert first.path != second.path and (first.path / "a.txt").read_text() == "a"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([first.path.name, second.path.name])

@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -152,20 +151,16 @@ def run_audit(ds: Dataset, runs_root: Path, max_distance: int = DEFAULT_MAX_DIST
     """Audit ``ds`` and the split ichedge makes of it; write a new folder with pairs, JSON and report."""
     from ichedge.data import train_val_test_split
     from ichedge.report import write_audit_report
-    from ichedge.training import finish_run_dir, new_run_dir
+    from ichedge.training import run_folder
 
     result = audit(ds, train_val_test_split(ds, seed=seed), max_distance)
-    tmp, final = new_run_dir(Path(runs_root), "audit")
-    try:
-        write_pairs(tmp / "near_duplicates.csv", ds, result)
-        (tmp / "audit.json").write_text(json.dumps({
+    with run_folder(Path(runs_root), "audit") as folder:
+        write_pairs(folder.tmp / "near_duplicates.csv", ds, result)
+        (folder.tmp / "audit.json").write_text(json.dumps({
             "dataset": ds.summary(), "split_by": ds.split_unit,
             "max_distance": result.max_distance, "images": result.images,
             "exact_duplicate_groups": [[str(ds.records[i].path) for i in g] for g in result.exact_groups],
             "near_duplicate_pairs": int(len(result.pairs)), "split_leaks": result.split_leaks,
             "errors": result.errors}, indent=2))
-        write_audit_report(tmp, ds, result)
-        return finish_run_dir(tmp, final), result
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_audit_report(folder.tmp, ds, result)
+    return folder.path, result

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import confusion_matrix, log_loss, precision_recall_curve, roc_auc_score, roc_curve
 
-from ichedge.triage import group_labels, group_scores
+from ichedge.triage import study_arrays
 
 
 def _ratio(a: float, b: float) -> float:
@@ -80,10 +80,7 @@ def choose_thresholds(y_val: np.ndarray, p_val: np.ndarray, groups_val: Sequence
     """The slice threshold and (with patients) the study threshold for ``target_sensitivity`` on validation."""
     out = {"high_sensitivity": threshold_for_sensitivity(y_val, p_val, target_sensitivity)}
     if groups_val is not None:
-        scores, labels = group_scores(groups_val, p_val, aggregate), group_labels(groups_val, y_val)
-        keys = sorted(scores)
-        out["study"] = threshold_for_sensitivity(np.array([labels[k] for k in keys]),
-                                                 np.array([scores[k] for k in keys]), target_sensitivity)
+        out["study"] = threshold_for_sensitivity(*study_arrays(groups_val, y_val, p_val, aggregate), target_sensitivity)
     return out
 
 
@@ -97,13 +94,8 @@ def evaluate_studies(
     A study is positive when any slice is; its threshold is chosen on the validation studies
     for ``target_sensitivity``, as for slices.
     """
-    def arrays(groups, y, p):
-        scores, labels = group_scores(groups, p, method), group_labels(groups, y)
-        keys = sorted(scores)
-        return np.array([labels[k] for k in keys]), np.array([scores[k] for k in keys])
-
-    yv, sv = arrays(groups_val, y_val, p_val)
-    yt, st = arrays(groups_test, y_test, p_test)
+    yv, sv = study_arrays(groups_val, y_val, p_val, method)
+    yt, st = study_arrays(groups_test, y_test, p_test, method)
     return binary_metrics(yt, st, threshold_for_sensitivity(yv, sv, target_sensitivity))
 
 
@@ -366,13 +358,12 @@ def evaluate_model(model: str | Path, data: str | Path | None, out_root: Path = 
     """
     import csv
     import json
-    import shutil
 
     from ichedge.data import read_dataset
     from ichedge.predict import Predictor, read_run_config
     from ichedge.preprocess import load_inputs
     from ichedge.report import Report, metric_rows
-    from ichedge.training import finish_run_dir, new_run_dir
+    from ichedge.training import run_folder
 
     model = Path(model)
     predictor = Predictor.load(model)
@@ -398,10 +389,8 @@ def evaluate_model(model: str | Path, data: str | Path | None, out_root: Path = 
     metrics["intervals"] = intervals(y, p, groups, {"default": 0.5, "high_sensitivity": decision.slice_threshold}, n_boot)
     metrics["calibration"] = {"ece": expected_calibration_error(y, p)}
     if groups is not None:
-        scores, labels = group_scores(groups, p, decision.study_aggregate), group_labels(groups, y)
-        keys = sorted(scores)
         metrics["study_high_sensitivity"] = binary_metrics(
-            np.array([labels[k] for k in keys]), np.array([scores[k] for k in keys]), decision.study_threshold)
+            *study_arrays(groups, y, p, decision.study_aggregate), decision.study_threshold)
 
     banners = []
     seen = sum(ds.records[i].key in used for i in inputs.indices)
@@ -412,20 +401,19 @@ def evaluate_model(model: str | Path, data: str | Path | None, out_root: Path = 
         banners.append("No patient IDs: intervals resample images, so they are too narrow, and any near-duplicate "
                        "slices of training patients inflate the result (run `ichedge audit`).")
 
-    tmp, final = new_run_dir(Path(out_root), "evaluate")
-    try:
-        (tmp / "plots").mkdir()
+    with run_folder(Path(out_root), "evaluate") as folder:
+        (folder.tmp / "plots").mkdir()
         points = {"0.5": metrics["default"], "high-sensitivity": metrics["high_sensitivity"]}
         if len(set(y.tolist())) == 2:
-            plot_roc(y, p, points, tmp / "plots" / "roc.png")
-            plot_pr(y, p, points, tmp / "plots" / "precision_recall.png")
-        plot_reliability(y, p, tmp / "plots" / "reliability.png")
-        plot_confusion(metrics["high_sensitivity"], tmp / "plots" / "confusion_high_sensitivity.png",
+            plot_roc(y, p, points, folder.tmp / "plots" / "roc.png")
+            plot_pr(y, p, points, folder.tmp / "plots" / "precision_recall.png")
+        plot_reliability(y, p, folder.tmp / "plots" / "reliability.png")
+        plot_confusion(metrics["high_sensitivity"], folder.tmp / "plots" / "confusion_high_sensitivity.png",
                        f"threshold {decision.slice_threshold:.3f} (the model's validated one)")
         summary = {"model": str(model), "kind": predictor.kind, "dataset": ds.summary(), "source": str(ds.source),
                    "slices_seen_in_training": seen, "skipped_images": inputs.errors, "decision": decision.__dict__}
-        (tmp / "metrics.json").write_text(json.dumps({**summary, **metrics}, indent=2, default=str))
-        with (tmp / "predictions.csv").open("w", newline="") as fh:
+        (folder.tmp / "metrics.json").write_text(json.dumps({**summary, **metrics}, indent=2, default=str))
+        with (folder.tmp / "predictions.csv").open("w", newline="") as fh:
             w = csv.writer(fh)
             w.writerow(["file", "patient", "label", "probability"])
             for i, label, prob in zip(inputs.indices, y, p):
@@ -437,13 +425,10 @@ def evaluate_model(model: str | Path, data: str | Path | None, out_root: Path = 
                          f"{decision.study_threshold:.3f}). 95% intervals resample {metrics['intervals']['resampled']}.")
         report.table(metric_rows(metrics))
         report.paragraph(f"Calibration: ECE {metrics['calibration']['ece']:.3f}.")
-        report.plots(sorted((tmp / "plots").glob("*.png")))
+        report.plots(sorted((folder.tmp / "plots").glob("*.png")))
         report.code(summary)
         card = predictor.source.parent / "model_card.md"
         if card.is_file():
             report.link("model card", card.resolve().as_uri())
-        report.write(tmp / "report.html", ds.credit)
-        return finish_run_dir(tmp, final), {**summary, **metrics}
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        report.write(folder.tmp / "report.html", ds.credit)
+    return folder.path, {**summary, **metrics}

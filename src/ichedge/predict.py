@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import subprocess
 import sys
 from abc import ABC, abstractmethod
@@ -397,25 +396,21 @@ def triage(prepared: Prepared, predictor: Predictor, explain: str = "none", expl
 def write_triage(out_root: Path, result: TriageResult, prepared: Prepared, predictor: Predictor) -> Path:
     """A new folder under ``out_root``: slices.csv, worklist.csv/.json, errors.txt, heatmaps/."""
     from ichedge.explain import save_overlay
-    from ichedge.training import finish_run_dir, new_run_dir
+    from ichedge.training import run_folder
 
-    tmp, final = new_run_dir(Path(out_root), "predict")
-    try:
+    with run_folder(Path(out_root), "predict") as folder:
         if result.explained is not None:
-            (tmp / "heatmaps").mkdir()
+            (folder.tmp / "heatmaps").mkdir()
             for k in result.explained:
                 s = result.slices[k]
                 s.heatmap = f"heatmaps/{k:05d}_{safe_name(s.study)}_{s.index:04d}.png"  # k: unique
-                save_overlay(tmp / s.heatmap, prepared.x[k], result.heatmaps[k])
+                save_overlay(folder.tmp / s.heatmap, prepared.x[k], result.heatmaps[k])
         d = predictor.decision
         meta = {"model": str(predictor.source), "kind": predictor.kind,
                 "preprocessing": predictor.preprocessing.to_json(),
                 "slice_threshold": d.slice_threshold, "study_threshold": d.study_threshold,
                 "study_aggregate": d.study_aggregate, "target_sensitivity": d.target_sensitivity,
                 "errors": result.errors}
-        write_worklist(tmp, result.slices, result.studies, meta)
-        (tmp / "errors.txt").write_text("".join(f"{e}\n" for e in result.errors))
-        return finish_run_dir(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_worklist(folder.tmp, result.slices, result.studies, meta)
+        (folder.tmp / "errors.txt").write_text("".join(f"{e}\n" for e in result.errors))
+    return folder.path

@@ -16,6 +16,8 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -317,6 +319,28 @@ def finish_run_dir(tmp: Path, final: Path) -> Path:
             continue
         os.rename(tmp, target)
         return target
+
+
+class RunFolder:
+    """What :func:`run_folder` yields: ``tmp`` to write into; ``path``, the final folder, after it."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.path: Path | None = None
+
+
+@contextmanager
+def run_folder(root: Path, name: str) -> Iterator[RunFolder]:
+    """Write a new folder under ``root`` atomically: renamed into place when the block succeeds,
+    removed when it fails, so no half-written folder is ever seen and nothing is overwritten."""
+    tmp, final = new_run_dir(Path(root), name)
+    folder = RunFolder(tmp)
+    try:
+        yield folder
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    folder.path = finish_run_dir(tmp, final)
 
 
 def write_run(

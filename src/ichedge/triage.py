@@ -59,6 +59,15 @@ def study_decision(config: dict, metrics: dict) -> dict:
     return {"study_aggregate": "max", "study": metrics["high_sensitivity"]["threshold"]}
 
 
+def study_arrays(
+    groups: Sequence[str], labels: Sequence[int], probabilities: Sequence[float], method: str = DEFAULT_AGGREGATE
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per study (sorted by name): its label (any slice positive) and its score (``method``)."""
+    scores, truth = group_scores(groups, probabilities, method), group_labels(groups, labels)
+    keys = sorted(scores)
+    return np.array([truth[k] for k in keys]), np.array([scores[k] for k in keys])
+
+
 @dataclass
 class SliceResult:
     """One input slice: where it came from and what the model said."""
