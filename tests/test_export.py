@@ -18,11 +18,11 @@ from tests.conftest import write_manifest
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    """A 32x32, alpha-0.35 run on synthetic slices: small enough to export in seconds."""
+    """A 32x32, alpha-0.35 run with slice context on synthetic slices: small enough to export in seconds."""
     root = tmp_path_factory.mktemp("tiny")
     ds = read_manifest(write_manifest(root / "data", patients=12))
-    run, _ = train(TrainConfig(size=32, alpha=0.35, epochs=3), ds, train_val_test_split(ds, test=0.25, val=0.25),
-                   root / "runs", progress=False)
+    run, _ = train(TrainConfig(size=32, alpha=0.35, epochs=3, context=True), ds,
+                   train_val_test_split(ds, test=0.25, val=0.25), root / "runs", progress=False)
     return run
 
 
@@ -80,7 +80,7 @@ def test_each_exported_runtime_gets_thresholds_chosen_on_its_own_validation_outp
     from ichedge.predict import split_part
 
     meta = read_run_config(tiny_run)
-    val, _ = split_part(meta, "val")
+    val, groups, order = split_part(meta, "val")
     run_decision = Predictor.load(tiny_run).decision
     assert run_decision.study_aggregate == "top3"
     by_runtime = exported.card["thresholds"]["by_runtime"]
@@ -92,7 +92,34 @@ def test_each_exported_runtime_gets_thresholds_chosen_on_its_own_validation_outp
         d = predictor.decision
         assert d.slice_threshold == pytest.approx(own) == pytest.approx(by_runtime[predictor.runtime]["high_sensitivity"])
         assert d.study_aggregate == "top3" and d.study_threshold == by_runtime[predictor.runtime]["study"]
-    assert "int8-reference: slice" in (exported.folder / "model_card.md").read_text()
+        scored = d.context.model.apply(predictor.predict(val.x), groups, order)
+        own = threshold_for_sensitivity(val.y, scored, meta["config"]["target_sensitivity"])
+        assert d.context.slice_threshold == pytest.approx(own)
+        assert d.context.slice_threshold == by_runtime[predictor.runtime]["context"]["high_sensitivity"]
+    assert run_decision.context.model == Predictor.load(exported.files["int8"]).decision.context.model
+    card_md = (exported.folder / "model_card.md").read_text()
+    assert "int8-reference: slice" in card_md and "; slice context: slice" in card_md
+
+
+def test_triage_uses_slice_context_on_whole_studies_unless_told_not_to(tiny_run, exported):
+    from ichedge.predict import Prepared, split_part, triage
+
+    val, groups, order = split_part(read_run_config(tiny_run), "val")
+    prepared = Prepared([f"v{i}.png" for i in range(len(val.y))], [str(g) for g in groups],
+                        [int(o) for o in order], val.x, [])
+    predictor = Predictor.load(exported.files["int8"], reference_kernels=True)
+    d = predictor.decision
+    alone = triage(prepared, predictor, context=False)
+    ctx = triage(prepared, predictor)
+    assert (alone.scoring, ctx.scoring) == ("slice", "slice context")
+    assert (alone.slice_threshold, ctx.slice_threshold) == (d.slice_threshold, d.context.slice_threshold)
+    assert ctx.study_threshold == d.context.study_threshold
+    network = np.array([s.probability for s in alone.slices])
+    assert [s.network_probability for s in ctx.slices] == pytest.approx(network)
+    expected = d.context.model.apply(network, prepared.studies, prepared.indices)
+    assert [s.probability for s in ctx.slices] == pytest.approx(expected)
+    assert [s.flagged for s in ctx.slices] == (expected >= d.context.slice_threshold).tolist()
+    assert all(s.network_probability is None for s in alone.slices)
 
 
 def test_tflm_matches_litert_int8_and_finds_the_smallest_arena(exported):
@@ -184,3 +211,19 @@ def test_xnnpack_probe_survives_a_crashing_child(tmp_path, monkeypatch):
     monkeypatch.setattr(predict.subprocess, "run",
                         lambda cmd, **kw: real_run([sys.executable, "-c", "import os; os.abort()"], **kw))
     assert predict.xnnpack_allocates(tmp_path / "any.tflite") is False
+
+
+def test_evaluate_scores_slice_context_on_the_runs_test_patients(tiny_run, tmp_path):
+    from ichedge.evaluation import evaluate_model
+
+    meta = read_run_config(tiny_run)
+    _, metrics = evaluate_model(tiny_run, meta["dataset"]["source"], tmp_path, n_boot=50, unseen_only=True)
+    d = Predictor.load(tiny_run).decision
+    assert metrics["decision"]["context"]["slice_threshold"] == d.context.slice_threshold
+    assert metrics["context_high_sensitivity"]["threshold"] == d.context.slice_threshold
+    run_metrics = json.loads((tiny_run / "metrics.json").read_text())
+    # the same test patients, the same model: evaluate reproduces what training measured
+    assert metrics["context_default"]["auc"] == pytest.approx(run_metrics["context_default"]["auc"], abs=1e-6)
+    assert metrics["default"]["auc"] == pytest.approx(run_metrics["default"]["auc"], abs=1e-6)
+    folder = next(tmp_path.glob("*evaluate*"))
+    assert "slice context, high-sensitivity threshold" in (folder / "report.html").read_text()

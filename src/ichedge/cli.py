@@ -44,6 +44,9 @@ def _config_args(p: argparse.ArgumentParser, single: bool) -> None:
     p.add_argument("--target-sensitivity", type=float, default=d.target_sensitivity)
     p.add_argument("--study-aggregate", default=d.study_aggregate, choices=AGGREGATES,
                    help="slice probabilities to a study score (measured choice: top3, mean of the 3 highest)")
+    p.add_argument("--context", action="store_true",
+                   help="also fit and evaluate a slice-context model (neighbouring slices, study, position; "
+                        "needs patient IDs and slice numbers)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--runs", type=Path, default=Path("runs"), help="folder that receives new run folders")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -109,6 +112,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         st = result.metrics["study_high_sensitivity"]
         print(f"  patients ({st['n']}, {config.study_aggregate} of slices, threshold {st['threshold']:.3f}): "
               f"AUC {st['auc']:.3f}  sensitivity {st['sensitivity']:.3f}  specificity {st['specificity']:.3f}")
+    if "context_default" in result.metrics:
+        c, chs = result.metrics["context_default"], result.metrics["context_high_sensitivity"]
+        print(f"  slice context: AUC {c['auc']:.3f}; at {chs['threshold']:.3f} sensitivity {chs['sensitivity']:.3f}  "
+              f"specificity {chs['specificity']:.3f}")
+    elif "context_skipped" in result.metrics:
+        print(f"WARNING: NO SLICE CONTEXT: {result.metrics['context_skipped']['reason']}")
     print(f"run folder: {run}")
     return 0
 
@@ -160,11 +169,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
     sources, missing = gather_sources(args.paths)
     prepared = prepare_sources(sources, predictor.preprocessing)
     prepared.errors[:0] = missing
-    result = triage(prepared, predictor, explain, explainer)
+    result = triage(prepared, predictor, explain, explainer, context=not args.no_context)
     folder = write_triage(args.out, result, prepared, predictor)
-    d = predictor.decision
-    print(f"{len(result.slices)} slice(s) in {len(result.studies)} stud(ies); slice threshold {d.slice_threshold:.3f}, "
-          f"study: {d.study_aggregate} of slices >= {d.study_threshold:.3f}")
+    print(f"{len(result.slices)} slice(s) in {len(result.studies)} stud(ies), {result.scoring} scores; slice threshold "
+          f"{result.slice_threshold:.3f}, study: {predictor.decision.study_aggregate} of slices >= {result.study_threshold:.3f}")
     for rank, s in enumerate(result.studies, 1):
         print(f"{rank:>3}. {'FLAG' if s.flagged else '    '} {s.score:.3f}  {s.study}  ({s.slices} slices)")
     for e in result.errors:
@@ -250,6 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", type=Path, required=True, help="run folder, .keras, or exported .tflite")
     p.add_argument("--explain", action="store_true", help="Grad-CAM overlay (PNG) of each flagged slice")
     p.add_argument("--explain-all", action="store_true", help="Grad-CAM overlay of every slice")
+    p.add_argument("--no-context", action="store_true",
+                   help="score slices alone even when the model has a slice-context stage (see `train --context`)")
     p.add_argument("--out", type=Path, default=Path("runs"), help="folder that receives the new results folder")
     p.set_defaults(func=cmd_predict)
     p = sub.add_parser("audit", help="exact and near-duplicate images, and near twins across a split")

@@ -363,7 +363,7 @@ def evaluate_model(model: str | Path, data: str | Path | None, out_root: Path = 
     from ichedge.predict import Predictor, read_run_config
     from ichedge.preprocess import load_inputs
     from ichedge.report import Report, metric_rows
-    from ichedge.training import run_folder
+    from ichedge.training import run_folder, slice_order
 
     model = Path(model)
     predictor = Predictor.load(model)
@@ -391,6 +391,16 @@ def evaluate_model(model: str | Path, data: str | Path | None, out_root: Path = 
     if groups is not None:
         metrics["study_high_sensitivity"] = binary_metrics(
             *study_arrays(groups, y, p, decision.study_aggregate), decision.study_threshold)
+    order = slice_order(ds, inputs)
+    if decision.context is not None and groups is not None and order is not None:
+        c = decision.context
+        pc = c.model.apply(p, groups, order)
+        metrics["context_default"] = binary_metrics(y, pc, 0.5)
+        metrics["context_high_sensitivity"] = binary_metrics(y, pc, c.slice_threshold)
+        metrics["context_intervals"] = intervals(y, pc, groups, {"default": 0.5, "high_sensitivity": c.slice_threshold},
+                                                 n_boot)
+        metrics["context_study_high_sensitivity"] = binary_metrics(
+            *study_arrays(groups, y, pc, decision.study_aggregate), c.study_threshold)
 
     banners = []
     seen = sum(ds.records[i].key in used for i in inputs.indices)
@@ -411,7 +421,7 @@ def evaluate_model(model: str | Path, data: str | Path | None, out_root: Path = 
         plot_confusion(metrics["high_sensitivity"], folder.tmp / "plots" / "confusion_high_sensitivity.png",
                        f"threshold {decision.slice_threshold:.3f} (the model's validated one)")
         summary = {"model": str(model), "kind": predictor.kind, "dataset": ds.summary(), "source": str(ds.source),
-                   "slices_seen_in_training": seen, "skipped_images": inputs.errors, "decision": decision.__dict__}
+                   "slices_seen_in_training": seen, "skipped_images": inputs.errors, "decision": decision.to_json()}
         (folder.tmp / "metrics.json").write_text(json.dumps({**summary, **metrics}, indent=2, default=str))
         with (folder.tmp / "predictions.csv").open("w", newline="") as fh:
             w = csv.writer(fh)

@@ -21,9 +21,10 @@ import numpy as np
 
 from ichedge.data import DataError
 from ichedge.model import sha256
-from ichedge.predict import LiteRTPredictor, preprocessing_of, read_run_config, split_inputs, split_part
+from ichedge.predict import (
+    Decision, LiteRTPredictor, preprocessing_of, read_run_config, run_thresholds, split_inputs, split_part,
+)
 from ichedge.training import finish_run_dir
-from ichedge.triage import study_decision
 
 
 @dataclass
@@ -108,20 +109,25 @@ def calibration_sample(meta: dict, count: int, seed: int = 0) -> np.ndarray:
     return train[rng.permutation(len(train))[:count]]
 
 
-def runtime_thresholds(meta: dict, files: dict[str, Path], aggregate: str) -> dict[str, dict[str, float]]:
+def runtime_thresholds(meta: dict, files: dict[str, Path], thresholds: dict) -> dict[str, dict]:
     """Slice and study thresholds chosen on the validation split with each exported model's own
     outputs: int8 arithmetic shifts probabilities (up to 0.61 on the demo run's test slices) while keeping
     their order, so the Keras model's thresholds do not carry over. 'int8-reference' is the
-    arithmetic TFLM runs on a microcontroller; 'int8' what LiteRT's default kernels give."""
+    arithmetic TFLM runs on a microcontroller; 'int8' what LiteRT's default kernels give. A slice-
+    context stage gets its thresholds the same way, on the context scores of each runtime's outputs."""
     from ichedge.evaluation import choose_thresholds
 
-    val, groups = split_part(meta, "val")
-    config = meta["config"]
+    val, groups, order = split_part(meta, "val")
+    target, aggregate = meta["config"]["target_sensitivity"], thresholds["study_aggregate"]
+    context = Decision.from_thresholds(thresholds).context
     out = {}
     for file, reference in (("float32", False), ("int8", False), ("int8", True)):
         predictor = LiteRTPredictor(files[file], preprocessing_of(meta), reference_kernels=reference)
-        out[predictor.runtime] = choose_thresholds(val.y, predictor.predict(val.x), groups,
-                                                   config["target_sensitivity"], aggregate)
+        p = predictor.predict(val.x)
+        out[predictor.runtime] = choose_thresholds(val.y, p, groups, target, aggregate)
+        if context is not None:
+            scored = context.model.apply(p, groups, order)
+            out[predictor.runtime]["context"] = choose_thresholds(val.y, scored, groups, target, aggregate)
     return out
 
 
@@ -144,8 +150,8 @@ def export_run(run_dir: str | Path, calibration_images: int = 200, seed: int = 0
         header, source = c_array(int8_bytes, "model_int8")
         files["c_header"].write_text(header)
         files["c_source"].write_text(source)
-        card = model_card(meta, metrics, int8_bytes, files, calibration_images)
-        card["thresholds"]["by_runtime"] = runtime_thresholds(meta, files, card["thresholds"]["study_aggregate"])
+        card = model_card(run_dir, meta, metrics, int8_bytes, files, calibration_images)
+        card["thresholds"]["by_runtime"] = runtime_thresholds(meta, files, card["thresholds"])
         (tmp / "model_card.json").write_text(json.dumps(card, indent=2))
         (tmp / "model_card.md").write_text(model_card_markdown(card))
         folder = finish_run_dir(tmp, run_dir / "export")
@@ -155,22 +161,19 @@ def export_run(run_dir: str | Path, calibration_images: int = 200, seed: int = 0
     return ExportResult(folder, {k: folder / p.name for k, p in files.items()}, card)
 
 
-def model_card(meta: dict, metrics: dict, int8_bytes: bytes, files: dict[str, Path], calibration: int) -> dict:
+def model_card(run_dir: Path, meta: dict, metrics: dict, int8_bytes: bytes, files: dict[str, Path],
+               calibration: int) -> dict:
     config = meta["config"]
     return {
         "model": f"MobileNetV2 alpha {config['alpha']:g}, {config['size']}x{config['size']}, "
-                 f"head Dense({config['neurons']}, ReLU) -> Dropout({config['dropout']}) -> sigmoid",
+                 f"head Dense({config['neurons']}, ReLU) -> Dropout({config['dropout']}) -> sigmoid"
+                 + ("; then slice context over the study (thresholds.context)" if config.get("context") else ""),
         "task": "hemorrhage (any type) vs no hemorrhage on one axial head CT slice",
         "class_names": meta["class_names"],
         "preprocessing": meta["preprocessing"],
         "input": "uint8 pixels 0..255 (float32 model); int8 model: pixel - 128 (see quantization)",
         "output": "probability of hemorrhage (int8 model: dequantize with the output scale/zero point)",
-        "thresholds": {
-            "default": 0.5,
-            "high_sensitivity": metrics["high_sensitivity"]["threshold"],
-            "high_sensitivity_target": config["target_sensitivity"],
-            **study_decision(config, metrics),
-        },
+        "thresholds": {"default": 0.5, **run_thresholds(run_dir)},
         "quantization": quantization_of(int8_bytes) | {"calibration": f"{calibration} training-split images, seeded"},
         "weights": meta["weights"],
         "training": {"config": config, "dataset": meta["dataset"]["summary"],
@@ -198,8 +201,13 @@ def model_card_markdown(card: dict) -> str:
         f"{card['thresholds']['high_sensitivity_target']} on the validation patients",
         f"- study: {card['thresholds']['study']:.4f} on the {card['thresholds']['study_aggregate']} aggregate of "
         "its slices' probabilities, chosen the same way on the validation patients",
+        *([f"- slice context (neighbouring slices, study, position; weights under thresholds.context.model in "
+           f"model_card.json): slice {card['thresholds']['context']['high_sensitivity']:.4f}, study "
+           f"{card['thresholds']['context']['study']:.4f} on its scores"] if "context" in card["thresholds"] else []),
         "- the same choices on each exported model's own validation outputs (used when that model runs):",
         *(f"  - {rt}: slice {t['high_sensitivity']:.4f}" + (f", study {t['study']:.4f}" if "study" in t else "")
+          + (f"; slice context: slice {t['context']['high_sensitivity']:.4f}, study {t['context']['study']:.4f}"
+             if "context" in t else "")
           for rt, t in card["thresholds"].get("by_runtime", {}).items()),
         "", "## Training and test results (held-out patients, Keras model)",
         f"- data: {card['training']['dataset']}; split by {card['training']['split']}; sizes {card['training']['sizes']}",

@@ -17,12 +17,14 @@ import logging
 import subprocess
 import sys
 from abc import ABC, abstractmethod
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from ichedge.context import SliceContext
 from ichedge.data import DataError, read_dataset, read_image
 from ichedge.dicom import WINDOWS, CTSlice, is_dicom, order_series, read_ct_slice, window, windowed
 from ichedge.preprocess import Loaded, Preprocessing, load_inputs, prepare_slice
@@ -43,9 +45,11 @@ def preprocessing_of(meta: dict) -> Preprocessing:
     return Preprocessing(size=p["size"], channels=p["channels"], crop=p["crop"])
 
 
-def split_part(meta: dict, part: str) -> tuple[Loaded, np.ndarray | None]:
-    """Reload the images of one part (train/val/test) of the split a run was trained on, and
-    the patient of each (None without patient IDs)."""
+def split_part(meta: dict, part: str) -> tuple[Loaded, np.ndarray | None, np.ndarray | None]:
+    """Reload the images of one part (train/val/test) of the split a run was trained on, the
+    patient of each (None without patient IDs) and its slice number (None where unknown)."""
+    from ichedge.training import patient_groups, slice_order
+
     info = meta["dataset"]
     ds = read_dataset(info["source"], tuple(info["windows"]))
     position = {r.key: i for i, r in enumerate(ds.records)}
@@ -54,7 +58,7 @@ def split_part(meta: dict, part: str) -> tuple[Loaded, np.ndarray | None]:
     if missing:
         raise DataError(f"{info['source']}: {len(missing)} image(s) of the run's {part} split are gone, e.g. {missing[0]}")
     loaded = load_inputs(ds, preprocessing_of(meta), [position[k] for k in wanted])
-    return loaded, (ds.groups[loaded.indices] if ds.has_patients else None)
+    return loaded, patient_groups(ds, loaded), slice_order(ds, loaded)
 
 
 def split_inputs(meta: dict, part: str) -> Loaded:
@@ -62,13 +66,27 @@ def split_inputs(meta: dict, part: str) -> Loaded:
 
 
 @dataclass(frozen=True)
+class ContextDecision:
+    """A slice-context model (:mod:`ichedge.context`) and the thresholds validated on its scores."""
+
+    model: SliceContext
+    slice_threshold: float
+    study_threshold: float
+
+    def to_json(self) -> dict:
+        return {"model": self.model.to_json(), "high_sensitivity": self.slice_threshold, "study": self.study_threshold}
+
+
+@dataclass(frozen=True)
 class Decision:
-    """The thresholds a model was validated with: slices, and studies by an aggregate of slices."""
+    """The thresholds a model was validated with: slices, and studies by an aggregate of slices;
+    and, for a run trained with slice context, the context model with its own thresholds."""
 
     slice_threshold: float
     study_threshold: float
     study_aggregate: str
     target_sensitivity: float
+    context: ContextDecision | None = None
 
     @staticmethod
     def from_thresholds(t: dict, runtime: str | None = None) -> Decision:
@@ -79,19 +97,42 @@ class Decision:
         if runtime and own is None:
             log.warning("no thresholds validated on %s outputs in this model card; using the Keras model's", runtime)
         chosen = own or t
+        context = None
+        if "context" in t:
+            c = chosen.get("context", t["context"])
+            context = ContextDecision(SliceContext.from_json(t["context"]["model"]), float(c["high_sensitivity"]),
+                                      float(c["study"]))
         return Decision(float(chosen["high_sensitivity"]), float(chosen.get("study", chosen["high_sensitivity"])),
-                        t.get("study_aggregate", "max"), float(t["high_sensitivity_target"]))
+                        t.get("study_aggregate", "max"), float(t["high_sensitivity_target"]), context)
 
     @staticmethod
     def of_run(run_dir: Path) -> Decision:
-        meta = read_run_config(run_dir)
-        metrics_path = Path(run_dir) / "metrics.json"
-        if not metrics_path.is_file():
-            raise DataError(f"{run_dir}: no metrics.json, so the model's validated thresholds are unknown")
-        metrics = json.loads(metrics_path.read_text())
-        return Decision.from_thresholds({"high_sensitivity": metrics["high_sensitivity"]["threshold"],
-                                         "high_sensitivity_target": meta["config"]["target_sensitivity"],
-                                         **study_decision(meta["config"], metrics)})
+        return Decision.from_thresholds(run_thresholds(run_dir))
+
+    def to_json(self) -> dict:
+        out = {"slice_threshold": self.slice_threshold, "study_threshold": self.study_threshold,
+               "study_aggregate": self.study_aggregate, "target_sensitivity": self.target_sensitivity}
+        if self.context is not None:
+            out["context"] = {"slice_threshold": self.context.slice_threshold,
+                              "study_threshold": self.context.study_threshold}
+        return out
+
+
+def run_thresholds(run_dir: str | Path) -> dict:
+    """A run folder's validated thresholds, as a model card holds them (context model included)."""
+    meta = read_run_config(run_dir)
+    metrics_path = Path(run_dir) / "metrics.json"
+    if not metrics_path.is_file():
+        raise DataError(f"{run_dir}: no metrics.json, so the model's validated thresholds are unknown")
+    metrics = json.loads(metrics_path.read_text())
+    t = {"high_sensitivity": metrics["high_sensitivity"]["threshold"],
+         "high_sensitivity_target": meta["config"]["target_sensitivity"], **study_decision(meta["config"], metrics)}
+    context_path = Path(run_dir) / "context.json"
+    if context_path.is_file():
+        model = SliceContext.from_json(json.loads(context_path.read_text()))
+        t["context"] = ContextDecision(model, metrics["context_high_sensitivity"]["threshold"],
+                                       metrics["context_study_high_sensitivity"]["threshold"]).to_json()
+    return t
 
 
 def keras_model_path(path: str | Path) -> Path:
@@ -357,30 +398,51 @@ def safe_name(text: str) -> str:
 
 @dataclass
 class TriageResult:
-    """Per-slice results, the worklist and every file that could not be used."""
+    """Per-slice results, the worklist, every file that could not be used, and how it was scored."""
 
     slices: list[SliceResult]
     studies: list[StudyResult]
     errors: list[str]
     heatmaps: np.ndarray | None = None  # Grad-CAM per slice; rows not in `explained` are zeros
     explained: np.ndarray | None = None  # indices of the slices that have a heatmap
+    scoring: str = "slice"  # or "slice context"
+    slice_threshold: float = 0.5
+    study_threshold: float = 0.5
 
 
-def triage(prepared: Prepared, predictor: Predictor, explain: str = "none", explainer=None) -> TriageResult:
+# The context model learnt from whole head CT studies (about 30 slices of 5 mm): with far fewer
+# slices its study features (top-3, mean, position) mean something else.
+CONTEXT_MIN_SLICES = 10
+
+
+def triage(prepared: Prepared, predictor: Predictor, explain: str = "none", explainer=None,
+           context: bool = True) -> TriageResult:
     """Score slices, aggregate studies at the model's validated thresholds, optionally explain.
 
-    ``explain`` is 'none', 'flagged' (heatmaps of slices over the slice threshold) or 'all';
-    it needs ``explainer``, an :class:`ichedge.explain.GradCAM` of the model's Keras version.
+    With ``context`` and a model trained with slice context, each slice is re-scored from its
+    study (neighbours, study scores, position) and the context thresholds apply; the network's
+    own output is kept in ``SliceResult.network_probability``. ``explain`` is 'none', 'flagged'
+    (heatmaps of flagged slices) or 'all'; it needs ``explainer``, an
+    :class:`ichedge.explain.GradCAM` of the model's Keras version.
     """
     if explain not in EXPLAIN_CHOICES:
         raise ValueError(f"explain must be one of {EXPLAIN_CHOICES}")
     decision = predictor.decision
     if decision is None:
         raise DataError(f"{predictor.source}: no validated thresholds recorded with this model")
-    p = predictor.predict(prepared.x)
-    flagged = p >= decision.slice_threshold
-    slices = [SliceResult(f, s, i, float(q), bool(fl))
-              for f, s, i, q, fl in zip(prepared.files, prepared.studies, prepared.indices, p, flagged)]
+    network = predictor.predict(prepared.x)
+    p, slice_t, study_t, scoring = network, decision.slice_threshold, decision.study_threshold, "slice"
+    if context and decision.context is not None and len(network):
+        c = decision.context
+        p = c.model.apply(network, prepared.studies, prepared.indices)
+        slice_t, study_t, scoring = c.slice_threshold, c.study_threshold, "slice context"
+        for study, n in sorted(Counter(prepared.studies).items()):
+            if n < CONTEXT_MIN_SLICES:
+                log.warning("study %s has %d slice(s): slice context was fitted on whole studies "
+                            "(about 30 slices), so its scores here are less reliable", study, n)
+    flagged = p >= slice_t
+    slices = [SliceResult(f, s, i, float(q), bool(fl), network_probability=float(n) if scoring != "slice" else None)
+              for f, s, i, q, fl, n in zip(prepared.files, prepared.studies, prepared.indices, p, flagged, network)]
     heatmaps = chosen = None
     if explain != "none":
         if explainer is None:
@@ -389,8 +451,8 @@ def triage(prepared: Prepared, predictor: Predictor, explain: str = "none", expl
         heatmaps = np.zeros(prepared.x.shape[:3], np.float32)
         if len(chosen):
             heatmaps[chosen] = explainer(prepared.x[chosen])[0]
-    studies = build_worklist(slices, decision.slice_threshold, decision.study_aggregate, decision.study_threshold)
-    return TriageResult(slices, studies, list(prepared.errors), heatmaps, chosen)
+    studies = build_worklist(slices, slice_t, decision.study_aggregate, study_t)
+    return TriageResult(slices, studies, list(prepared.errors), heatmaps, chosen, scoring, slice_t, study_t)
 
 
 def write_triage(out_root: Path, result: TriageResult, prepared: Prepared, predictor: Predictor) -> Path:
@@ -407,8 +469,8 @@ def write_triage(out_root: Path, result: TriageResult, prepared: Prepared, predi
                 save_overlay(folder.tmp / s.heatmap, prepared.x[k], result.heatmaps[k])
         d = predictor.decision
         meta = {"model": str(predictor.source), "kind": predictor.kind,
-                "preprocessing": predictor.preprocessing.to_json(),
-                "slice_threshold": d.slice_threshold, "study_threshold": d.study_threshold,
+                "preprocessing": predictor.preprocessing.to_json(), "scoring": result.scoring,
+                "slice_threshold": result.slice_threshold, "study_threshold": result.study_threshold,
                 "study_aggregate": d.study_aggregate, "target_sensitivity": d.target_sensitivity,
                 "errors": result.errors}
         write_worklist(folder.tmp, result.slices, result.studies, meta)

@@ -104,7 +104,10 @@ def interval(ci: Mapping[str, float]) -> str:
 # --- the reports ichedge writes ----------------------------------------------------------------
 
 POINT_NAMES = {"default": "threshold 0.5", "high_sensitivity": "high-sensitivity threshold (chosen on validation)",
-               "study_high_sensitivity": "study level (patients)"}
+               "study_high_sensitivity": "study level (patients)",
+               "context_default": "slice context, threshold 0.5",
+               "context_high_sensitivity": "slice context, high-sensitivity threshold (chosen on validation)",
+               "context_study_high_sensitivity": "slice context, study level (patients)"}
 
 
 def split_banners(meta: dict) -> list[str]:
@@ -120,14 +123,15 @@ def split_banners(meta: dict) -> list[str]:
 
 def metric_rows(metrics: dict) -> list[dict]:
     rows = []
-    ci = metrics.get("intervals", {})
     for point, name in POINT_NAMES.items():
         m = metrics.get(point)
         if not m:
             continue
+        ci = metrics.get("context_intervals" if point.startswith("context_") else "intervals", {})
+        key = point.removeprefix("context_")
         row = {"operating point": name, "threshold": m["threshold"], "n": m["n"]}
         for k in ("auc", "sensitivity", "specificity", "ppv", "npv", "accuracy"):
-            row[k] = interval(ci[point][k]) if point in ci else f"{m[k]:.3f}"
+            row[k] = interval(ci[key][k]) if key in ci else f"{m[k]:.3f}"
         rows.append(row)
     return rows
 

@@ -114,7 +114,9 @@ class TriageService:
         prepared = prepare_sources(sources, self.predictor.preprocessing, image_study=study_name)
         explain = "all" if heatmaps and self.explainer is not None else "none"
         with self.lock:
-            result = triage(prepared, self.predictor, explain, self.explainer)
+            # Uploads are single slices or partial studies: slice context (fitted on whole
+            # studies) is left to `ichedge predict`, and the page shows the slice model's decision.
+            result = triage(prepared, self.predictor, explain, self.explainer, context=False)
         if self.keep_uploads is not None:
             result.errors += self._keep(sources, prepared)
         return prepared, result

@@ -20,7 +20,7 @@ from ichedge.evaluation import pooled_intervals, summarise_folds
 from ichedge.preprocess import load_inputs
 from ichedge.report import interval, write_sweep_report
 from ichedge.training import (
-    TrainConfig, finish_run_dir, fit, new_run_dir, patient_groups, remap_split, write_run,
+    TrainConfig, finish_run_dir, fit, new_run_dir, patient_groups, remap_split, slice_order, write_run,
 )
 
 log = logging.getLogger(__name__)
@@ -67,6 +67,7 @@ class ConfigResult:
     phase_seconds: list[dict[str, float]]
     profile: dict | None = None
     pooled: dict | None = None  # bootstrap intervals over all folds' test patients
+    pooled_context: dict | None = None  # the same for the slice-context scores
 
     @property
     def summary(self) -> dict:
@@ -103,14 +104,17 @@ def run_sweep(
                 loaded = {pre: load_inputs(dataset, pre, progress=progress)}
             inputs = loaded[pre]
             started = time.perf_counter()
-            features, fold_metrics, runs, phases, measured, pooled = None, [], [], [], None, []
-            groups = patient_groups(dataset, inputs)
+            features, fold_metrics, runs, phases, measured, pooled, pooled_context = None, [], [], [], None, [], []
+            groups, order = patient_groups(dataset, inputs), slice_order(dataset, inputs)
             for k, split in enumerate(splits):
                 local = remap_split(split, inputs.indices)
-                result = fit(config, inputs, local, features=features, progress=progress, groups=groups)
+                result = fit(config, inputs, local, features=features, progress=progress, groups=groups, order=order)
                 if groups is not None:
                     pooled.append((result.labels["test"], result.probabilities["test"], groups[local.test],
                                    result.metrics["high_sensitivity"]["threshold"]))
+                if "test_context" in result.probabilities:
+                    pooled_context.append((result.labels["test"], result.probabilities["test_context"],
+                                           groups[local.test], result.metrics["context_high_sensitivity"]["threshold"]))
                 features = result.features  # the frozen backbone's: the same for every fold
                 name = f"{config.name}" + (f"-fold{k}" if folds > 1 else "")
                 write_run(tmp / name, config, dataset, inputs, local, result)
@@ -127,6 +131,7 @@ def run_sweep(
                     config, _weights_label(result.weights), _training_label(config, result.weights.pretrained),
                     fold_metrics, runs, time.perf_counter() - started, phases, measured,
                     pooled_intervals(pooled) if folds > 1 and pooled else None,
+                    pooled_intervals(pooled_context) if folds > 1 and pooled_context else None,
                 )
             )
         write_tables(tmp, results, dataset, folds)
@@ -188,15 +193,28 @@ def table_rows(results: Sequence[ConfigResult], folds: int) -> list[dict[str, st
             row["study sensitivity"] = _fmt(st["sensitivity"], True, folds) + "%"
             row["study specificity"] = _fmt(st["specificity"], True, folds) + "%"
         if r.pooled:
-            row["pooled AUC (95% CI)"] = interval(r.pooled["auc"])
-            for m in ("sensitivity", "specificity"):
-                ci = r.pooled[m]
-                row[f"hs {m} 95% CI"] = f"{100 * ci['low']:.1f}-{100 * ci['high']:.1f}%"
+            row.update(_pooled_columns(r.pooled, ""))
+        if "context_default" in s:
+            c, chs, cst = s["context_default"], s["context_high_sensitivity"], s["context_study_high_sensitivity"]
+            row["context AUC"] = _fmt(c["auc"], False, folds)
+            row["context hs sensitivity"] = _fmt(chs["sensitivity"], True, folds) + "%"
+            row["context hs specificity"] = _fmt(chs["specificity"], True, folds) + "%"
+            row["context study AUC"] = _fmt(cst["auc"], False, folds)
+        if r.pooled_context:
+            row.update(_pooled_columns(r.pooled_context, "context "))
         row["train s"] = f"{r.seconds:.0f}"
         if r.profile:
             row.update(profile_columns(r.profile))
         rows.append(row)
     return rows
+
+
+def _pooled_columns(pooled: dict, prefix: str) -> dict[str, str]:
+    row = {f"{prefix}pooled AUC (95% CI)": interval(pooled["auc"])}
+    for m in ("sensitivity", "specificity"):
+        ci = pooled[m]
+        row[f"{prefix}hs {m} 95% CI"] = f"{100 * ci['low']:.1f}-{100 * ci['high']:.1f}%"
+    return row
 
 
 def _export_and_profile(run: Path) -> dict:
@@ -242,6 +260,10 @@ def write_tables(out: Path, results: Sequence[ConfigResult], dataset: Dataset, f
     if results[0].pooled:
         notes += ["95% CIs: all folds' test patients pooled and resampled by patient (2,000 draws);",
                   "sensitivity and specificity at each fold's own validation-chosen threshold."]
+    if results[0].config.context:
+        notes += ["'context' columns: each slice re-scored from its own, its neighbours' and its study's slice",
+                  "scores and its position (ichedge.context), fitted on out-of-fold scores of the training",
+                  "patients; thresholds chosen on validation the same way."]
     lines = [f"# Sweep: {dataset.summary()}", "", *notes, "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r[h] for h in header) + " |" for r in rows]
@@ -252,4 +274,4 @@ def write_tables(out: Path, results: Sequence[ConfigResult], dataset: Dataset, f
     (out / "results.json").write_text(json.dumps(
         [{"config": r.config.to_json(), "weights": r.weights, "training": r.training, "runs": r.runs,
           "seconds": r.seconds, "phase_seconds": r.phase_seconds, "profile": r.profile, "summary": r.summary,
-          "pooled": r.pooled, "folds": r.folds} for r in results], indent=2))
+          "pooled": r.pooled, "pooled_context": r.pooled_context, "folds": r.folds} for r in results], indent=2))

@@ -4,7 +4,9 @@ A pretrained backbone is first frozen: its pooled features are computed once for
 (seconds, not minutes, on 2 cores) and the head is trained on them. Optional fine-tuning then
 unfreezes the top of the backbone, keeps its batch-norm statistics fixed, and trains on
 augmented images at a lower rate. A backbone without pretrained weights has nothing to freeze,
-so the whole network trains from scratch on augmented images.
+so the whole network trains from scratch on augmented images. With ``context``, a slice-context
+model (:mod:`ichedge.context`) is fitted on out-of-fold head scores of the training patients and
+evaluated beside the slice model.
 """
 
 from __future__ import annotations
@@ -25,12 +27,13 @@ from pathlib import Path
 import numpy as np
 
 from ichedge import __version__
+from ichedge.context import SliceContext
 from ichedge.data import DataError, Dataset, Split, check_no_patient_overlap
 from ichedge.evaluation import (
     calibration, evaluate_split, evaluate_studies, intervals, plot_confusion, plot_history, plot_pr, plot_reliability,
     plot_roc,
 )
-from ichedge.model import Weights, build_model, feature_extractor, resolve_weights
+from ichedge.model import Weights, build_head, build_model, feature_extractor, resolve_weights
 from ichedge.preprocess import Loaded, Preprocessing, load_inputs
 from ichedge.report import write_run_report
 from ichedge.triage import DEFAULT_AGGREGATE, study_score
@@ -63,6 +66,7 @@ class TrainConfig:
     weights: str = "imagenet"
     target_sensitivity: float = 0.95
     study_aggregate: str = DEFAULT_AGGREGATE
+    context: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -75,6 +79,10 @@ class TrainConfig:
             "dropout must be in [0, 1)": 0 <= self.dropout < 1,
             "alpha must be positive": self.alpha > 0,
             "target_sensitivity must be in (0, 1]": 0 < self.target_sensitivity <= 1,
+            # Out-of-fold slice scores for the context model retrain the head on cached features;
+            # with fine-tuning each would be a whole training.
+            "context needs the frozen-backbone training only (fine_tune_epochs 0)":
+                not (self.context and self.fine_tune_epochs),
         }
         failed = [text for text, ok in checks.items() if not ok]
         if failed:
@@ -88,7 +96,8 @@ class TrainConfig:
 
     @property
     def name(self) -> str:
-        return f"{self.size}px-a{self.alpha:g}-{self.channels}" + ("-trim" if self.trim else "")
+        return (f"{self.size}px-a{self.alpha:g}-{self.channels}" + ("-trim" if self.trim else "")
+                + ("-context" if self.context else ""))
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -106,6 +115,7 @@ class TrainResult:
     labels: dict[str, np.ndarray]
     seconds: dict[str, float] = field(default_factory=dict)
     features: np.ndarray | None = None  # the frozen backbone's, reusable by other folds
+    context: SliceContext | None = None
 
 
 # --- inputs ------------------------------------------------------------------------------------
@@ -178,15 +188,19 @@ def fit(
     features: np.ndarray | None = None,
     progress: bool = False,
     groups: np.ndarray | None = None,
+    order: np.ndarray | None = None,
 ) -> TrainResult:
     """Train one model on ``split`` of already loaded inputs and evaluate it on the test part.
 
     ``split`` indexes ``inputs.x``. ``features``, if given, are the frozen backbone's pooled
     features of ``inputs.x`` (reused across folds of a cross-validation). ``groups``, the
-    patient of each input, adds study-level (patient-level) metrics.
+    patient of each input, adds study-level (patient-level) metrics; with ``order``, each
+    input's slice position, ``config.context`` fits and evaluates a slice-context model.
     """
     x, y = inputs.x, inputs.y
     check_split_usable(y, split)
+    if config.context and (groups is None or order is None):
+        raise DataError("slice context needs patient IDs and slice numbers (a manifest with patient and slice columns)")
     weights = resolve_weights(config.alpha, config.size, config.weights)
     model = build_model(config.alpha, config.size, weights, config.neurons, config.dropout, config.seed, config.trim)
     tr, va, te = split.train, split.val, split.test
@@ -204,13 +218,7 @@ def fit(
             features = compute_features(model, x)
         seconds["features"] = time.perf_counter() - start
         start = time.perf_counter()
-        _compile(head, config.learning_rate)
-        h = head.fit(
-            features[tr], y[tr], validation_data=(features[va], y[va]), epochs=config.epochs,
-            batch_size=config.batch_size, class_weight=cw, verbose=0, callbacks=_progress(progress),
-            shuffle=True,
-        )
-        _append(history, h.history, "frozen")
+        _append(history, _fit_head(head, config, features, y, tr, va, cw, progress), "frozen")
         seconds["frozen"] = time.perf_counter() - start
         if config.fine_tune_epochs > 0:
             start = time.perf_counter()
@@ -233,7 +241,72 @@ def fit(
         metrics["study_high_sensitivity"] = evaluate_studies(
             groups[va], labels["val"], probs["val"], groups[te], labels["test"], probs["test"],
             config.study_aggregate, config.target_sensitivity)
-    return TrainResult(model, weights, history, metrics, probs, labels, seconds, features)
+    context = None
+    if config.context:
+        if weights.pretrained:
+            start = time.perf_counter()
+            context = _fit_context(config, features, y, split, groups, order)
+            for part, idx in (("val", va), ("test", te)):
+                probs[f"{part}_context"] = context.apply(probs[part], groups[idx], order[idx])
+            metrics.update(_context_metrics(config, labels, probs, groups[va], groups[te]))
+            seconds["context"] = time.perf_counter() - start
+        else:  # nothing cached to retrain the head on: every out-of-fold score would be a training
+            metrics["context_skipped"] = {"reason": f"random weights: the whole network trains ({weights.note})"}
+            log.warning("NO SLICE CONTEXT for %s: it needs a frozen pretrained backbone", config.name)
+    return TrainResult(model, weights, history, metrics, probs, labels, seconds, features, context)
+
+
+def _fit_head(head: keras.Model, config: TrainConfig, features: np.ndarray, y: np.ndarray, tr: np.ndarray,
+              va: np.ndarray | None, cw: dict[int, float] | None, progress: bool = False) -> dict[str, list]:
+    """Train the head on cached features (the frozen phase); returns its history."""
+    _compile(head, config.learning_rate)
+    h = head.fit(
+        features[tr], y[tr], validation_data=None if va is None else (features[va], y[va]), epochs=config.epochs,
+        batch_size=config.batch_size, class_weight=cw, verbose=0, callbacks=_progress(progress), shuffle=True,
+    )
+    return h.history
+
+
+CONTEXT_INNER_FOLDS = 4
+
+
+def _fit_context(config: TrainConfig, features: np.ndarray, y: np.ndarray, split: Split, groups: np.ndarray,
+                 order: np.ndarray) -> SliceContext:
+    """The context model, fitted on out-of-fold head scores of the training patients.
+
+    The head is retrained on inner patient folds of the training split (cached features, so
+    seconds), each scoring the training patients it did not see.
+    """
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    tr = split.train
+    n_folds = min(CONTEXT_INNER_FOLDS, len(set(groups[tr][y[tr] == 1])))
+    if n_folds < 2:
+        raise DataError("slice context needs at least 2 training patients with hemorrhage")
+    oof = np.zeros(len(tr))
+    folds = StratifiedGroupKFold(n_folds, shuffle=True, random_state=config.seed).split(tr, y[tr], groups[tr])
+    for k, (inner, held) in enumerate(folds):
+        keras.utils.set_random_seed(config.seed + 1 + k)
+        head = build_head(features.shape[1], config.neurons, config.dropout)
+        cw = class_weights(y[tr[inner]]) if config.class_weight else None
+        _fit_head(head, config, features, y, tr[inner], None, cw)
+        oof[held] = head.predict(features[tr[held]], batch_size=256, verbose=0).reshape(-1)
+    return SliceContext.fit(oof, y[tr], groups[tr], order[tr])
+
+
+def _context_metrics(config: TrainConfig, labels: dict, probs: dict, groups_val: np.ndarray,
+                     groups_test: np.ndarray) -> dict:
+    """The slice-context scores at the same operating points as the slice model's, prefixed context_."""
+    pv, pt = probs["val_context"], probs["test_context"]
+    m = {f"context_{k}": v for k, v in evaluate_split(labels["val"], pv, labels["test"], pt,
+                                                       config.target_sensitivity).items()}
+    ci = intervals(labels["test"], pt, groups_test,
+                   {"default": 0.5, "high_sensitivity": m["context_high_sensitivity"]["threshold"]})
+    m["context_intervals"] = ci
+    m["context_study_high_sensitivity"] = evaluate_studies(
+        groups_val, labels["val"], pv, groups_test, labels["test"], pt, config.study_aggregate,
+        config.target_sensitivity)
+    return m
 
 
 def _fit_images(
@@ -387,6 +460,8 @@ def write_run(
         for i, phase in enumerate(result.history["phase"]):
             w.writerow([i + 1, phase, *(f"{result.history[k][i]:.6f}" for k in keys)])
     (out / "metrics.json").write_text(json.dumps(result.metrics, indent=2))
+    if result.context is not None:
+        (out / "context.json").write_text(json.dumps(result.context.to_json(), indent=2))
     np.savez(out / "predictions.npz", **{f"{k}_p": v for k, v in result.probabilities.items()},
              **{f"{k}_y": v for k, v in result.labels.items()})
     plot_history(result.history, out / "plots" / "learning_curves.png")
@@ -397,6 +472,10 @@ def write_run(
     points = {"0.5": result.metrics["default"], "high-sensitivity": hs}
     plot_roc(result.labels["test"], result.probabilities["test"], points, out / "plots" / "roc.png")
     plot_pr(result.labels["test"], result.probabilities["test"], points, out / "plots" / "precision_recall.png")
+    if "test_context" in result.probabilities:
+        ctx = result.metrics["context_high_sensitivity"]
+        plot_roc(result.labels["test"], result.probabilities["test_context"],
+                 {"0.5": result.metrics["context_default"], "high-sensitivity": ctx}, out / "plots" / "roc_context.png")
     plot_reliability(result.labels["test"], result.probabilities["test"], out / "plots" / "reliability.png",
                      result.metrics["calibration"]["temperature"])
     write_run_report(out, meta, result.metrics)
@@ -413,7 +492,8 @@ def train(
     check_no_patient_overlap(dataset, split)
     inputs = load_inputs(dataset, config.preprocessing, progress=progress)
     local = remap_split(split, inputs.indices)
-    result = fit(config, inputs, local, progress=progress, groups=patient_groups(dataset, inputs))
+    result = fit(config, inputs, local, progress=progress, groups=patient_groups(dataset, inputs),
+                 order=slice_order(dataset, inputs))
     tmp, final = new_run_dir(Path(runs_root), config.name)
     try:
         write_run(tmp, config, dataset, inputs, local, result)
@@ -426,6 +506,14 @@ def train(
 def patient_groups(dataset: Dataset, inputs: Loaded) -> np.ndarray | None:
     """The patient of each loaded input, or None when the layout has no patient IDs."""
     return dataset.groups[inputs.indices] if dataset.has_patients else None
+
+
+def slice_order(dataset: Dataset, inputs: Loaded) -> np.ndarray | None:
+    """The slice number of each loaded input, or None when patients or slice numbers are unknown."""
+    records = [dataset.records[i] for i in inputs.indices]
+    if not dataset.has_patients or any(r.slice is None for r in records):
+        return None
+    return np.array([r.slice for r in records], dtype=np.float64)
 
 
 def remap_split(split: Split, kept: np.ndarray) -> Split:

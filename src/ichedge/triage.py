@@ -75,9 +75,10 @@ class SliceResult:
     file: str
     study: str
     index: int  # position in the study after ordering
-    probability: float
+    probability: float  # what the decision used: the network's output, or its slice-context score
     flagged: bool
     heatmap: str | None = None
+    network_probability: float | None = None  # the network's own output, where context re-scored it
 
 
 @dataclass
