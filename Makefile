@@ -3,8 +3,10 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 RUNS ?= runs
+# The full-resolution CT-ICH (650x650 JPEGs) for inputs above the bundle's 160x160.
+CT_ICH ?= ../shared/data/ct-ich/labels.csv
 
-.PHONY: setup browser demo test sweep cv bench ablation load clean-venv
+.PHONY: setup browser demo test sweep cv context bench ablation load clean-venv
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
@@ -39,6 +41,12 @@ sweep: setup
 
 cv: setup
 	$(BIN)/ichedge sweep --cv --runs $(RUNS) --quiet
+
+# Issue 2's best measured configuration: 224x224 (and 160x160) from full-resolution images, with
+# the slice-context stage, 5 patient-grouped folds; then the frozen-feature ablations behind it.
+context: setup
+	$(BIN)/ichedge sweep --cv --data $(CT_ICH) --grid 224x0.35,160x0.35 --context --runs $(RUNS) --quiet
+	$(BIN)/python bench/ablation_context.py $(CT_ICH)
 
 bench: setup
 	$(BIN)/python bench/bench_sweep.py

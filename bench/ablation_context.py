@@ -1,0 +1,100 @@
+"""Input size, feature layer and slice context: the frozen-feature ablations of issue 2's last round
+(an experiment, not a test).
+
+On the full-resolution CT-ICH images (650x650 JPEGs, cropped to the head), with the 5 patient
+folds `ichedge sweep --cv --data <labels.csv>` uses (seed 0): frozen ImageNet MobileNetV2
+(alpha 0.35) features, a logistic regression (balanced, C=0.01) on the training patients, and
+optionally the slice-context stage (`ichedge.context`) fitted on out-of-fold scores of the
+training patients (4 inner patient folds). Prints test AUC (mean ± sd over folds), the mean
+validation AUC (what a choice between rows may look at), and sensitivity / specificity at the
+threshold chosen on validation for sensitivity >= 0.95.
+
+    python bench/ablation_context.py [../shared/data/ct-ich/labels.csv]
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import roc_auc_score
+from sklearn.model_selection import StratifiedGroupKFold
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+import keras
+
+from ichedge.context import SliceContext
+from ichedge.data import kfold_splits, read_manifest
+from ichedge.evaluation import threshold_for_sensitivity
+from ichedge.model import build_model, resolve_weights
+from ichedge.preprocess import Preprocessing, load_inputs
+from ichedge.training import remap_split, slice_order
+
+DATA = sys.argv[1] if len(sys.argv) > 1 else "../shared/data/ct-ich/labels.csv"
+
+
+def head() -> object:
+    return make_pipeline(StandardScaler(), LogisticRegression(C=0.01, max_iter=3000, class_weight="balanced"))
+
+
+def scores(f: np.ndarray, y: np.ndarray, train: np.ndarray, rest: np.ndarray) -> np.ndarray:
+    out = np.zeros(len(y))
+    out[rest] = head().fit(f[train], y[train]).predict_proba(f[rest])[:, 1]
+    return out
+
+
+def with_context(f, y, split, groups, order) -> np.ndarray:
+    """Context scores of validation and test slices; the context model sees only out-of-fold scores."""
+    tr = split.train
+    oof = np.zeros(len(y))
+    for inner, held in StratifiedGroupKFold(4, shuffle=True, random_state=0).split(tr, y[tr], groups[tr]):
+        oof[tr[held]] = scores(f, y, tr[inner], tr[held])[tr[held]]
+    ctx = SliceContext.fit(oof[tr], y[tr], groups[tr], order[tr])
+    rest = np.r_[split.val, split.test]
+    p = scores(f, y, tr, rest)
+    out = np.zeros(len(y))
+    for part in (split.val, split.test):  # whole patients: each part is a set of complete studies
+        out[part] = ctx.apply(p[part], groups[part], order[part])
+    return out
+
+
+def report(name: str, f, y, splits, groups, order, context: bool) -> None:
+    aucs, vals, sens, spec = [], [], [], []
+    for s in splits:
+        p = with_context(f, y, s, groups, order) if context else scores(f, y, s.train, np.r_[s.val, s.test])
+        t = threshold_for_sensitivity(y[s.val], p[s.val], 0.95)
+        flagged = p[s.test] >= t
+        aucs.append(roc_auc_score(y[s.test], p[s.test]))
+        vals.append(roc_auc_score(y[s.val], p[s.val]))
+        sens.append(flagged[y[s.test] == 1].mean())
+        spec.append(1 - flagged[y[s.test] == 0].mean())
+    print(f"{name:<52} {np.mean(aucs):.3f} ± {np.std(aucs, ddof=1):.3f}   val {np.mean(vals):.3f}   "
+          f"sens {np.mean(sens):.3f}  spec {np.mean(spec):.3f}", flush=True)
+
+
+def features(x: np.ndarray, size: int) -> dict[str, np.ndarray]:
+    backbone = build_model(0.35, size, resolve_weights(0.35, size)).get_layer("backbone")
+    names = ("block_16_project_BN", "out_relu")
+    sub = keras.Model(backbone.input, [backbone.get_layer(n).output for n in names])
+    b16, out = sub.predict(x.astype("float32") / 127.5 - 1, batch_size=32, verbose=0)
+    return {"GAP(out_relu)": out.mean((1, 2)), "GAP+GMP(block_16_project)": np.c_[b16.mean((1, 2)), b16.max((1, 2))]}
+
+
+def main() -> None:
+    ds = read_manifest(DATA)
+    print(ds.summary())
+    print(f"{'variant (frozen, alpha 0.35, head crop)':<52} test AUC (5 folds)  val AUC   hs sens / spec")
+    for size in (160, 224, 288):
+        loaded = load_inputs(ds, Preprocessing(size, "gray", True))
+        y, groups, order = loaded.y, ds.groups[loaded.indices], slice_order(ds, loaded)
+        splits = [remap_split(s, loaded.indices) for s in kfold_splits(ds, 5, seed=0)]
+        for layer, f in features(loaded.x, size).items():
+            report(f"{size}px {layer}", f, y, splits, groups, order, False)
+            if size == 224:
+                report(f"{size}px {layer} + slice context", f, y, splits, groups, order, True)
+
+
+if __name__ == "__main__":
+    main()
