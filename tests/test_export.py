@@ -213,11 +213,15 @@ def test_xnnpack_probe_survives_a_crashing_child(tmp_path, monkeypatch):
     assert predict.xnnpack_allocates(tmp_path / "any.tflite") is False
 
 
-def test_evaluate_scores_slice_context_on_the_runs_test_patients(tiny_run, tmp_path):
-    from ichedge.evaluation import evaluate_model
+def test_evaluate_scores_slice_context_on_the_runs_test_patients(tiny_run, tmp_path, capsys):
+    from ichedge.cli import main
 
     meta = read_run_config(tiny_run)
-    _, metrics = evaluate_model(tiny_run, meta["dataset"]["source"], tmp_path, n_boot=50, unseen_only=True)
+    args = ["evaluate", str(tiny_run), meta["dataset"]["source"], "--unseen-only", "--runs", str(tmp_path), "--quiet"]
+    assert main(args) == 0
+    assert "slice context: AUC" in capsys.readouterr().out
+    (folder,) = tmp_path.iterdir()
+    metrics = json.loads((folder / "metrics.json").read_text())
     d = Predictor.load(tiny_run).decision
     assert metrics["decision"]["context"]["slice_threshold"] == d.context.slice_threshold
     assert metrics["context_high_sensitivity"]["threshold"] == d.context.slice_threshold
@@ -225,5 +229,4 @@ def test_evaluate_scores_slice_context_on_the_runs_test_patients(tiny_run, tmp_p
     # the same test patients, the same model: evaluate reproduces what training measured
     assert metrics["context_default"]["auc"] == pytest.approx(run_metrics["context_default"]["auc"], abs=1e-6)
     assert metrics["default"]["auc"] == pytest.approx(run_metrics["default"]["auc"], abs=1e-6)
-    folder = next(tmp_path.glob("*evaluate*"))
     assert "slice context, high-sensitivity threshold" in (folder / "report.html").read_text()

@@ -223,6 +223,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         st = m["study_high_sensitivity"]
         print(f"  patients ({st['n']}): AUC {st['auc']:.3f}  sensitivity {st['sensitivity']:.3f}  "
               f"specificity {st['specificity']:.3f}")
+    if "context_intervals" in m:
+        ci = m["context_intervals"]
+        print(f"slice context: AUC {interval(ci['default']['auc'])}")
+        t = m["context_high_sensitivity"]["threshold"]
+        print(f"  at {t:.3f}: sensitivity {interval(ci['high_sensitivity']['sensitivity'])}  "
+              f"specificity {interval(ci['high_sensitivity']['specificity'])}")
     if m["slices_seen_in_training"]:
         print(f"WARNING: {m['slices_seen_in_training']} slices were in the model's training or validation split: "
               "inflated (--unseen-only leaves them out)")
