@@ -29,8 +29,8 @@ from ichedge.context import SliceContext
 from ichedge.data import kfold_splits, read_manifest
 from ichedge.evaluation import threshold_for_sensitivity
 from ichedge.model import build_model, resolve_weights
-from ichedge.preprocess import Preprocessing, load_inputs
-from ichedge.training import remap_split, slice_order
+from ichedge.preprocess import Preprocessing, load_inputs, slice_order
+from ichedge.training import remap_split
 
 DATA = sys.argv[1] if len(sys.argv) > 1 else "../shared/data/ct-ich/labels.csv"
 

@@ -45,9 +45,11 @@ def test_studies_do_not_see_each_other():
     assert lone["position"][0] == 0.5
 
 
-def test_mismatched_lengths_are_refused():
+def test_mismatched_lengths_and_nan_are_refused():
     with pytest.raises(ValueError, match="differ in length"):
         context_features(np.array([0.5, 0.5]), ["a"], [1, 2])
+    with pytest.raises(ValueError, match="finite"):
+        context_features(np.array([0.5, np.nan]), ["a", "a"], [1, 2])
 
 
 def _studies(rng, n_studies=60, slices=20):
@@ -78,7 +80,6 @@ def test_context_beats_lone_slices_when_bleeds_span_slices():
     slice_auc = roc_auc_score(y[test], probs[test])
     context_auc = roc_auc_score(y[test], ctx.apply(probs[test], groups[test], order[test]))
     assert context_auc > slice_auc + 0.03, (slice_auc, context_auc)
-    assert ctx.coef[FEATURES.index("logit_adjacent_max")] > 0, "a suspicious neighbour raises the score"
     shuffled = SliceContext.fit(probs[train], y[train], groups[train], np.random.default_rng(1).permutation(order[train]))
     wrong = roc_auc_score(y[test], shuffled.apply(probs[test], groups[test], order[test]))
     assert wrong < context_auc - 0.02, "neighbours by input order instead of slice position would lose the gain"
@@ -93,6 +94,10 @@ def test_context_model_round_trips_through_json():
     stale = {**ctx.to_json(), "features": ["logit"]}
     with pytest.raises(ValueError, match="not this version"):
         SliceContext.from_json(stale)
+    with pytest.raises(ValueError, match="incomplete or malformed"):
+        SliceContext.from_json({k: v for k, v in ctx.to_json().items() if k != "coef"})
+    with pytest.raises(ValueError, match="needs 10 means, scales and weights"):
+        SliceContext.from_json({**ctx.to_json(), "coef": [1.0, 2.0]})
 
 
 def test_context_needs_a_frozen_backbone_and_patients(tmp_path, synthetic_manifest):
@@ -105,6 +110,46 @@ def test_context_needs_a_frozen_backbone_and_patients(tmp_path, synthetic_manife
     split = train_val_test_split(no_patients, seed=0)
     with pytest.raises(DataError, match="needs patient IDs and slice numbers"):
         train(TrainConfig(size=32, context=True, epochs=1), no_patients, split, tmp_path, progress=False)
+
+
+def test_random_weights_skip_context_loudly(tmp_path, caplog):
+    from tests.conftest import write_manifest
+
+    ds = read_manifest(write_manifest(tmp_path / "data", patients=12))
+    config = TrainConfig(size=32, alpha=0.1, weights="random", epochs=1, context=True)
+    split = train_val_test_split(ds, test=0.25, val=0.25)
+    run, result = train(config, ds, split, tmp_path / "runs", progress=False)
+    assert "random weights" in result.metrics["context_skipped"]["reason"]
+    assert "NO SLICE CONTEXT" in caplog.text and not (run / "context.json").exists()
+    assert "Slice context was asked for and skipped" in (run / "report.html").read_text()
+
+
+def test_sweep_table_with_and_without_context_columns(tmp_path, synthetic_manifest):
+    """A random-weights row has no context figures: the table keeps every column, "-" where missing."""
+    import csv
+
+    from ichedge.evaluation import binary_metrics, evaluate_split
+    from ichedge.sweep import ConfigResult, write_tables
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 60)
+    p = np.clip(y * 0.3 + rng.uniform(0, 0.7, 60), 0, 1)
+    plain = {**evaluate_split(y, p, y, p, 0.95), "study_high_sensitivity": binary_metrics(y, p, 0.5)}
+    with_context = {**plain, **{f"context_{k}": v for k, v in plain.items()}}
+    pretrained = ConfigResult(TrainConfig(size=32, context=True), "ImageNet (bundled)", "frozen 10 ep",
+                              [with_context] * 2, ["a0", "a1"], 1.0, [{}, {}])
+    random = ConfigResult(TrainConfig(size=32, alpha=0.1, context=True), "RANDOM", "from scratch, 10 ep",
+                          [plain] * 2, ["b0", "b1"], 1.0, [{}, {}])
+    ds = read_manifest(synthetic_manifest)
+    for k, results in enumerate(([pretrained, random], [random, pretrained])):
+        out = tmp_path / str(k)
+        out.mkdir()
+        write_tables(out, results, ds, 2)
+        rows = list(csv.DictReader((out / "results.csv").open()))
+        by_alpha = {r["alpha"]: r for r in rows}
+        assert by_alpha["0.1"]["context AUC"] == "-" and by_alpha["0.35"]["context AUC"].startswith("0.")
+        table = [line for line in (out / "results.md").read_text().splitlines() if line.startswith("|")]
+        assert len({line.count("|") for line in table}) == 1, "every Markdown row has every column"
 
 
 @pytest.mark.integration

@@ -78,6 +78,7 @@ def test_each_exported_runtime_gets_thresholds_chosen_on_its_own_validation_outp
     """int8 arithmetic moves probabilities, so each runtime's thresholds come from its own outputs."""
     from ichedge.evaluation import threshold_for_sensitivity
     from ichedge.predict import split_part
+    from ichedge.triage import study_arrays
 
     meta = read_run_config(tiny_run)
     val, groups, order = split_part(meta, "val")
@@ -96,30 +97,36 @@ def test_each_exported_runtime_gets_thresholds_chosen_on_its_own_validation_outp
         own = threshold_for_sensitivity(val.y, scored, meta["config"]["target_sensitivity"])
         assert d.context.slice_threshold == pytest.approx(own)
         assert d.context.slice_threshold == by_runtime[predictor.runtime]["context"]["high_sensitivity"]
+        own_study = threshold_for_sensitivity(*study_arrays(groups, val.y, scored, "top3"),
+                                              meta["config"]["target_sensitivity"])
+        assert d.context.study_threshold == pytest.approx(own_study) == by_runtime[predictor.runtime]["context"]["study"]
     assert run_decision.context.model == Predictor.load(exported.files["int8"]).decision.context.model
     card_md = (exported.folder / "model_card.md").read_text()
     assert "int8-reference: slice" in card_md and "; slice context: slice" in card_md
 
 
-def test_triage_uses_slice_context_on_whole_studies_unless_told_not_to(tiny_run, exported):
+def test_triage_applies_slice_context_when_asked_in_slice_order(tiny_run, exported):
     from ichedge.predict import Prepared, split_part, triage
 
     val, groups, order = split_part(read_run_config(tiny_run), "val")
-    prepared = Prepared([f"v{i}.png" for i in range(len(val.y))], [str(g) for g in groups],
-                        [int(o) for o in order], val.x, [])
+    shuffle = np.random.default_rng(0).permutation(len(val.y))  # input order must not matter
+    prepared = Prepared([f"v{i}.png" for i in shuffle], [str(g) for g in groups[shuffle]],
+                        [int(o) for o in order[shuffle]], val.x[shuffle], [])
     predictor = Predictor.load(exported.files["int8"], reference_kernels=True)
     d = predictor.decision
-    alone = triage(prepared, predictor, context=False)
-    ctx = triage(prepared, predictor)
+    alone = triage(prepared, predictor)
+    ctx = triage(prepared, predictor, context=True)
     assert (alone.scoring, ctx.scoring) == ("slice", "slice context")
     assert (alone.slice_threshold, ctx.slice_threshold) == (d.slice_threshold, d.context.slice_threshold)
     assert ctx.study_threshold == d.context.study_threshold
     network = np.array([s.probability for s in alone.slices])
     assert [s.network_probability for s in ctx.slices] == pytest.approx(network)
-    expected = d.context.model.apply(network, prepared.studies, prepared.indices)
-    assert [s.probability for s in ctx.slices] == pytest.approx(expected)
-    assert [s.flagged for s in ctx.slices] == (expected >= d.context.slice_threshold).tolist()
-    assert all(s.network_probability is None for s in alone.slices)
+    in_order = d.context.model.apply(network[np.argsort(shuffle)], groups, order)  # unshuffled, as validated
+    assert [s.probability for s in ctx.slices] == pytest.approx(in_order[shuffle])
+    assert [s.flagged for s in ctx.slices] == (in_order[shuffle] >= d.context.slice_threshold).tolist()
+    assert all(s.network_probability is None for s in alone.slices) and not alone.notes
+    # these synthetic studies have 6 slices: each is named as too short for what context learnt from
+    assert len(ctx.notes) == len(set(groups)) and all("6 slice(s)" in n for n in ctx.notes)
 
 
 def test_tflm_matches_litert_int8_and_finds_the_smallest_arena(exported):

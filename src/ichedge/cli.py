@@ -169,7 +169,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     sources, missing = gather_sources(args.paths)
     prepared = prepare_sources(sources, predictor.preprocessing)
     prepared.errors[:0] = missing
-    result = triage(prepared, predictor, explain, explainer, context=not args.no_context)
+    result = triage(prepared, predictor, explain, explainer, context=args.context)
     folder = write_triage(args.out, result, prepared, predictor)
     print(f"{len(result.slices)} slice(s) in {len(result.studies)} stud(ies), {result.scoring} scores; slice threshold "
           f"{result.slice_threshold:.3f}, study: {predictor.decision.study_aggregate} of slices >= {result.study_threshold:.3f}")
@@ -177,6 +177,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         print(f"{rank:>3}. {'FLAG' if s.flagged else '    '} {s.score:.3f}  {s.study}  ({s.slices} slices)")
     for e in result.errors:
         print(f"  skipped: {e}")
+    for note in result.notes:
+        print(f"  note: {note}")
     print(f"worklist: {folder / 'worklist.csv'}")
     return 0 if result.slices or not result.errors else 2
 
@@ -223,6 +225,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         st = m["study_high_sensitivity"]
         print(f"  patients ({st['n']}): AUC {st['auc']:.3f}  sensitivity {st['sensitivity']:.3f}  "
               f"specificity {st['specificity']:.3f}")
+    if "context_note" in m:
+        print(f"note: {m['context_note']}")
     if "context_intervals" in m:
         ci = m["context_intervals"]
         print(f"slice context: AUC {interval(ci['default']['auc'])}")
@@ -264,8 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", type=Path, required=True, help="run folder, .keras, or exported .tflite")
     p.add_argument("--explain", action="store_true", help="Grad-CAM overlay (PNG) of each flagged slice")
     p.add_argument("--explain-all", action="store_true", help="Grad-CAM overlay of every slice")
-    p.add_argument("--no-context", action="store_true",
-                   help="score slices alone even when the model has a slice-context stage (see `train --context`)")
+    p.add_argument("--context", action="store_true",
+                   help="re-score slices with the model's slice-context stage (see `train --context`): whole "
+                        "studies only; it raised slice AUC but not study AUC on CT-ICH")
     p.add_argument("--out", type=Path, default=Path("runs"), help="folder that receives the new results folder")
     p.set_defaults(func=cmd_predict)
     p = sub.add_parser("audit", help="exact and near-duplicate images, and near twins across a split")

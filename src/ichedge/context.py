@@ -35,11 +35,14 @@ def context_features(probs: np.ndarray, groups: Sequence, order: Sequence[float]
     the scan (slice number or position on the slice normal). A study's ends repeat the end
     slice for the missing neighbours; a one-slice study sits at position 0.5.
     """
-    p = np.clip(np.asarray(probs, dtype=np.float64), _EPS, 1 - _EPS)
-    logit = np.log(p / (1 - p))
+    p = np.asarray(probs, dtype=np.float64)
     groups, order = np.asarray(groups), np.asarray(order, dtype=np.float64)
-    if not (len(logit) == len(groups) == len(order)):
-        raise ValueError(f"probabilities ({len(logit)}), groups ({len(groups)}) and order ({len(order)}) differ in length")
+    if not (len(p) == len(groups) == len(order)):
+        raise ValueError(f"probabilities ({len(p)}), groups ({len(groups)}) and order ({len(order)}) differ in length")
+    if not (np.isfinite(p).all() and np.isfinite(order).all()):
+        raise ValueError("slice context needs finite probabilities and slice positions (got NaN or infinity)")
+    p = np.clip(p, _EPS, 1 - _EPS)
+    logit = np.log(p / (1 - p))
     out = np.zeros((len(logit), len(FEATURES)))
     for g in np.unique(groups):
         idx = np.flatnonzero(groups == g)
@@ -85,4 +88,11 @@ class SliceContext:
     def from_json(cls, data: dict) -> SliceContext:
         if tuple(data.get("features", ())) != FEATURES:
             raise ValueError(f"context model features {data.get('features')} are not this version's {list(FEATURES)}")
-        return cls(tuple(data["mean"]), tuple(data["scale"]), tuple(data["coef"]), float(data["intercept"]))
+        try:
+            model = cls(tuple(map(float, data["mean"])), tuple(map(float, data["scale"])),
+                        tuple(map(float, data["coef"])), float(data["intercept"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"context model incomplete or malformed ({type(exc).__name__}: {exc})") from None
+        if not len(model.mean) == len(model.scale) == len(model.coef) == len(FEATURES):
+            raise ValueError(f"context model needs {len(FEATURES)} means, scales and weights")
+        return model

@@ -361,9 +361,9 @@ def evaluate_model(model: str | Path, data: str | Path | None, out_root: Path = 
 
     from ichedge.data import read_dataset
     from ichedge.predict import Predictor, read_run_config
-    from ichedge.preprocess import load_inputs
+    from ichedge.preprocess import load_inputs, patient_groups, slice_order
     from ichedge.report import Report, metric_rows
-    from ichedge.training import run_folder, slice_order
+    from ichedge.training import run_folder
 
     model = Path(model)
     predictor = Predictor.load(model)
@@ -383,7 +383,7 @@ def evaluate_model(model: str | Path, data: str | Path | None, out_root: Path = 
         raise ValueError(f"{ds.name}: no readable image" + (" the model has not seen" if unseen_only else ""))
     p = predictor.predict(inputs.x)
     y = inputs.y
-    groups = ds.groups[inputs.indices] if ds.has_patients else None
+    groups = patient_groups(ds, inputs)
     metrics: dict = {"default": binary_metrics(y, p, 0.5),
                      "high_sensitivity": binary_metrics(y, p, decision.slice_threshold)}
     metrics["intervals"] = intervals(y, p, groups, {"default": 0.5, "high_sensitivity": decision.slice_threshold}, n_boot)
@@ -392,7 +392,10 @@ def evaluate_model(model: str | Path, data: str | Path | None, out_root: Path = 
         metrics["study_high_sensitivity"] = binary_metrics(
             *study_arrays(groups, y, p, decision.study_aggregate), decision.study_threshold)
     order = slice_order(ds, inputs)
-    if decision.context is not None and groups is not None and order is not None:
+    context_note = None
+    if decision.context is not None and (groups is None or order is None):
+        context_note = "the model's slice context not applied: the data has no patient IDs and slice numbers"
+    elif decision.context is not None:
         c = decision.context
         pc = c.model.apply(p, groups, order)
         metrics["context_default"] = binary_metrics(y, pc, 0.5)
@@ -422,6 +425,8 @@ def evaluate_model(model: str | Path, data: str | Path | None, out_root: Path = 
                        f"threshold {decision.slice_threshold:.3f} (the model's validated one)")
         summary = {"model": str(model), "kind": predictor.kind, "dataset": ds.summary(), "source": str(ds.source),
                    "slices_seen_in_training": seen, "skipped_images": inputs.errors, "decision": decision.to_json()}
+        if context_note:
+            summary["context_note"] = context_note
         (folder.tmp / "metrics.json").write_text(json.dumps({**summary, **metrics}, indent=2, default=str))
         with (folder.tmp / "predictions.csv").open("w", newline="") as fh:
             w = csv.writer(fh)

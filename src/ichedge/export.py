@@ -21,8 +21,9 @@ import numpy as np
 
 from ichedge.data import DataError
 from ichedge.model import sha256
+from ichedge.context import SliceContext
 from ichedge.predict import (
-    Decision, LiteRTPredictor, preprocessing_of, read_run_config, run_thresholds, split_inputs, split_part,
+    LiteRTPredictor, preprocessing_of, read_run_config, run_thresholds, split_inputs, split_part,
 )
 from ichedge.training import finish_run_dir
 
@@ -119,14 +120,14 @@ def runtime_thresholds(meta: dict, files: dict[str, Path], thresholds: dict) -> 
 
     val, groups, order = split_part(meta, "val")
     target, aggregate = meta["config"]["target_sensitivity"], thresholds["study_aggregate"]
-    context = Decision.from_thresholds(thresholds).context
+    context = SliceContext.from_json(thresholds["context"]["model"]) if "context" in thresholds else None
     out = {}
     for file, reference in (("float32", False), ("int8", False), ("int8", True)):
         predictor = LiteRTPredictor(files[file], preprocessing_of(meta), reference_kernels=reference)
         p = predictor.predict(val.x)
         out[predictor.runtime] = choose_thresholds(val.y, p, groups, target, aggregate)
         if context is not None:
-            scored = context.model.apply(p, groups, order)
+            scored = context.apply(p, groups, order)
             out[predictor.runtime]["context"] = choose_thresholds(val.y, scored, groups, target, aggregate)
     return out
 
@@ -164,16 +165,17 @@ def export_run(run_dir: str | Path, calibration_images: int = 200, seed: int = 0
 def model_card(run_dir: Path, meta: dict, metrics: dict, int8_bytes: bytes, files: dict[str, Path],
                calibration: int) -> dict:
     config = meta["config"]
+    thresholds = {"default": 0.5, **run_thresholds(run_dir)}
     return {
         "model": f"MobileNetV2 alpha {config['alpha']:g}, {config['size']}x{config['size']}, "
                  f"head Dense({config['neurons']}, ReLU) -> Dropout({config['dropout']}) -> sigmoid"
-                 + ("; then slice context over the study (thresholds.context)" if config.get("context") else ""),
+                 + ("; then slice context over the study (thresholds.context)" if "context" in thresholds else ""),
         "task": "hemorrhage (any type) vs no hemorrhage on one axial head CT slice",
         "class_names": meta["class_names"],
         "preprocessing": meta["preprocessing"],
         "input": "uint8 pixels 0..255 (float32 model); int8 model: pixel - 128 (see quantization)",
         "output": "probability of hemorrhage (int8 model: dequantize with the output scale/zero point)",
-        "thresholds": {"default": 0.5, **run_thresholds(run_dir)},
+        "thresholds": thresholds,
         "quantization": quantization_of(int8_bytes) | {"calibration": f"{calibration} training-split images, seeded"},
         "weights": meta["weights"],
         "training": {"config": config, "dataset": meta["dataset"]["summary"],

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import subprocess
 import sys
 from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,7 @@ import numpy as np
 from ichedge.context import SliceContext
 from ichedge.data import DataError, read_dataset, read_image
 from ichedge.dicom import WINDOWS, CTSlice, is_dicom, order_series, read_ct_slice, window, windowed
-from ichedge.preprocess import Loaded, Preprocessing, load_inputs, prepare_slice
+from ichedge.preprocess import Loaded, Preprocessing, load_inputs, patient_groups, prepare_slice, slice_order
 from ichedge.triage import SliceResult, StudyResult, build_worklist, study_decision, write_worklist
 
 log = logging.getLogger(__name__)
@@ -48,8 +49,6 @@ def preprocessing_of(meta: dict) -> Preprocessing:
 def split_part(meta: dict, part: str) -> tuple[Loaded, np.ndarray | None, np.ndarray | None]:
     """Reload the images of one part (train/val/test) of the split a run was trained on, the
     patient of each (None without patient IDs) and its slice number (None where unknown)."""
-    from ichedge.training import patient_groups, slice_order
-
     info = meta["dataset"]
     ds = read_dataset(info["source"], tuple(info["windows"]))
     position = {r.key: i for i, r in enumerate(ds.records)}
@@ -73,7 +72,8 @@ class ContextDecision:
     slice_threshold: float
     study_threshold: float
 
-    def to_json(self) -> dict:
+    def to_card(self) -> dict:
+        """As a model card's ``thresholds.context`` holds it."""
         return {"model": self.model.to_json(), "high_sensitivity": self.slice_threshold, "study": self.study_threshold}
 
 
@@ -99,6 +99,9 @@ class Decision:
         chosen = own or t
         context = None
         if "context" in t:
+            if own is not None and "context" not in own:
+                log.warning("no slice-context thresholds validated on %s outputs in this model card; "
+                            "using the Keras model's", runtime)
             c = chosen.get("context", t["context"])
             context = ContextDecision(SliceContext.from_json(t["context"]["model"]), float(c["high_sensitivity"]),
                                       float(c["study"]))
@@ -129,9 +132,12 @@ def run_thresholds(run_dir: str | Path) -> dict:
          "high_sensitivity_target": meta["config"]["target_sensitivity"], **study_decision(meta["config"], metrics)}
     context_path = Path(run_dir) / "context.json"
     if context_path.is_file():
-        model = SliceContext.from_json(json.loads(context_path.read_text()))
-        t["context"] = ContextDecision(model, metrics["context_high_sensitivity"]["threshold"],
-                                       metrics["context_study_high_sensitivity"]["threshold"]).to_json()
+        try:
+            model = SliceContext.from_json(json.loads(context_path.read_text()))
+            t["context"] = ContextDecision(model, metrics["context_high_sensitivity"]["threshold"],
+                                           metrics["context_study_high_sensitivity"]["threshold"]).to_card()
+        except (KeyError, ValueError) as exc:
+            raise DataError(f"{run_dir}: context.json or its context_* metrics are unusable ({exc})") from None
     return t
 
 
@@ -378,7 +384,7 @@ def prepare_sources(sources: Sequence[Source], pre: Preprocessing, image_study: 
                    "a PNG/JPEG is one brain-window image" for src in images]
         images = []
     counters: dict[str, int] = {}
-    for src in sorted(images, key=lambda s: s.name):
+    for src in sorted(images, key=lambda s: natural_key(s.name)):
         folder = image_study or str(Path(src.name).parent)
         try:
             image = read_image(Path(src.name), src.data)
@@ -389,6 +395,11 @@ def prepare_sources(sources: Sequence[Source], pre: Preprocessing, image_study: 
         counters[folder] += 1
     x = np.stack(xs) if xs else np.zeros((0, pre.size, pre.size, 3), np.uint8)
     return Prepared(files, studies, indices, x, errors)
+
+
+def natural_key(name: str) -> list:
+    """Sort key that puts ``slice2.png`` before ``slice10.png``: image studies are ordered by name."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
 def safe_name(text: str) -> str:
@@ -403,27 +414,30 @@ class TriageResult:
     slices: list[SliceResult]
     studies: list[StudyResult]
     errors: list[str]
+    scoring: str  # "slice" or "slice context"
+    slice_threshold: float
+    study_threshold: float
+    notes: list[str] = field(default_factory=list)  # cautions about the scores, e.g. unusual studies
     heatmaps: np.ndarray | None = None  # Grad-CAM per slice; rows not in `explained` are zeros
     explained: np.ndarray | None = None  # indices of the slices that have a heatmap
-    scoring: str = "slice"  # or "slice context"
-    slice_threshold: float = 0.5
-    study_threshold: float = 0.5
 
 
-# The context model learnt from whole head CT studies (about 30 slices of 5 mm): with far fewer
-# slices its study features (top-3, mean, position) mean something else.
-CONTEXT_MIN_SLICES = 10
+# Slice context was fitted on whole 5 mm head CTs (CT-ICH: 19 to 40 slices, 30 typical): with
+# far fewer slices, or a thin-section series of hundreds, its neighbour and study features
+# mean something else.
+CONTEXT_STUDY_SLICES = (10, 60)
 
 
 def triage(prepared: Prepared, predictor: Predictor, explain: str = "none", explainer=None,
-           context: bool = True) -> TriageResult:
+           context: bool = False) -> TriageResult:
     """Score slices, aggregate studies at the model's validated thresholds, optionally explain.
 
     With ``context`` and a model trained with slice context, each slice is re-scored from its
-    study (neighbours, study scores, position) and the context thresholds apply; the network's
-    own output is kept in ``SliceResult.network_probability``. ``explain`` is 'none', 'flagged'
-    (heatmaps of flagged slices) or 'all'; it needs ``explainer``, an
-    :class:`ichedge.explain.GradCAM` of the model's Keras version.
+    study (neighbours, study scores, position) and the context thresholds apply to slices and
+    studies; the network's own output is kept in ``SliceResult.network_probability``. Off by
+    default: on CT-ICH it raised slice AUC but not study AUC (README, "Input size and slice
+    context"). ``explain`` is 'none', 'flagged' (heatmaps of flagged slices) or 'all'; it needs
+    ``explainer``, an :class:`ichedge.explain.GradCAM` of the model's Keras version.
     """
     if explain not in EXPLAIN_CHOICES:
         raise ValueError(f"explain must be one of {EXPLAIN_CHOICES}")
@@ -432,14 +446,19 @@ def triage(prepared: Prepared, predictor: Predictor, explain: str = "none", expl
         raise DataError(f"{predictor.source}: no validated thresholds recorded with this model")
     network = predictor.predict(prepared.x)
     p, slice_t, study_t, scoring = network, decision.slice_threshold, decision.study_threshold, "slice"
+    notes: list[str] = []
+    if context and decision.context is None:
+        notes.append(f"{predictor.source}: no slice-context stage in this model (train with --context); slices scored alone")
     if context and decision.context is not None and len(network):
         c = decision.context
         p = c.model.apply(network, prepared.studies, prepared.indices)
         slice_t, study_t, scoring = c.slice_threshold, c.study_threshold, "slice context"
-        for study, n in sorted(Counter(prepared.studies).items()):
-            if n < CONTEXT_MIN_SLICES:
-                log.warning("study %s has %d slice(s): slice context was fitted on whole studies "
-                            "(about 30 slices), so its scores here are less reliable", study, n)
+        low, high = CONTEXT_STUDY_SLICES
+        notes += [f"study {study} has {n} slice(s): slice context was fitted on whole 5 mm head CTs of about 30 "
+                  "slices, so its scores here are less reliable"
+                  for study, n in sorted(Counter(prepared.studies).items()) if not low <= n <= high]
+    for note in notes:
+        log.warning("%s", note)
     flagged = p >= slice_t
     slices = [SliceResult(f, s, i, float(q), bool(fl), network_probability=float(n) if scoring != "slice" else None)
               for f, s, i, q, fl, n in zip(prepared.files, prepared.studies, prepared.indices, p, flagged, network)]
@@ -452,7 +471,7 @@ def triage(prepared: Prepared, predictor: Predictor, explain: str = "none", expl
         if len(chosen):
             heatmaps[chosen] = explainer(prepared.x[chosen])[0]
     studies = build_worklist(slices, slice_t, decision.study_aggregate, study_t)
-    return TriageResult(slices, studies, list(prepared.errors), heatmaps, chosen, scoring, slice_t, study_t)
+    return TriageResult(slices, studies, list(prepared.errors), scoring, slice_t, study_t, notes, heatmaps, chosen)
 
 
 def write_triage(out_root: Path, result: TriageResult, prepared: Prepared, predictor: Predictor) -> Path:
@@ -472,7 +491,7 @@ def write_triage(out_root: Path, result: TriageResult, prepared: Prepared, predi
                 "preprocessing": predictor.preprocessing.to_json(), "scoring": result.scoring,
                 "slice_threshold": result.slice_threshold, "study_threshold": result.study_threshold,
                 "study_aggregate": d.study_aggregate, "target_sensitivity": d.target_sensitivity,
-                "errors": result.errors}
+                "notes": result.notes, "errors": result.errors}
         write_worklist(folder.tmp, result.slices, result.studies, meta)
         (folder.tmp / "errors.txt").write_text("".join(f"{e}\n" for e in result.errors))
     return folder.path

@@ -173,3 +173,16 @@ def load_inputs(ds: Dataset, pre: Preprocessing, indices: Sequence[int] | None =
     x = np.stack(xs) if xs else np.zeros(shape, np.uint8)
     kept_arr = np.array(kept, dtype=np.int64)
     return Loaded(x, ds.labels[kept_arr] if kept else np.zeros(0, np.int64), kept_arr, errors)
+
+
+def patient_groups(dataset: Dataset, inputs: Loaded) -> np.ndarray | None:
+    """The patient of each loaded input, or None when the layout has no patient IDs."""
+    return dataset.groups[inputs.indices] if dataset.has_patients else None
+
+
+def slice_order(dataset: Dataset, inputs: Loaded) -> np.ndarray | None:
+    """The slice number of each loaded input, or None when patients or slice numbers are unknown."""
+    records = [dataset.records[i] for i in inputs.indices]
+    if not dataset.has_patients or any(r.slice is None for r in records):
+        return None
+    return np.array([r.slice for r in records], dtype=np.float64)

@@ -147,6 +147,8 @@ def write_run_report(folder: Path, meta: dict, metrics: dict) -> Path:
     r.paragraph(f"Intervals: 95% bootstrap, resampling {ci.get('resampled', 'patients')} ({ci.get('n_boot', '')} draws). "
                 "Thresholds are chosen on the validation split, never on test.")
     r.table(metric_rows(metrics))
+    if "context_skipped" in metrics:
+        r.paragraph(f"Slice context was asked for and skipped: {metrics['context_skipped']['reason']}.")
     if "calibration" in metrics:
         cal = metrics["calibration"]
         r.paragraph(f"Calibration: ECE {cal['ece']:.3f} as output; {cal['ece_after_temperature']:.3f} after temperature "

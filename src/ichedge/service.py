@@ -115,8 +115,8 @@ class TriageService:
         explain = "all" if heatmaps and self.explainer is not None else "none"
         with self.lock:
             # Uploads are single slices or partial studies: slice context (fitted on whole
-            # studies) is left to `ichedge predict`, and the page shows the slice model's decision.
-            result = triage(prepared, self.predictor, explain, self.explainer, context=False)
+            # studies) is left to `ichedge predict --context`.
+            result = triage(prepared, self.predictor, explain, self.explainer)
         if self.keep_uploads is not None:
             result.errors += self._keep(sources, prepared)
         return prepared, result

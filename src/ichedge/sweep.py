@@ -17,10 +17,10 @@ from pathlib import Path
 
 from ichedge.data import Dataset, check_no_patient_overlap, kfold_splits, train_val_test_split
 from ichedge.evaluation import pooled_intervals, summarise_folds
-from ichedge.preprocess import load_inputs
+from ichedge.preprocess import load_inputs, patient_groups, slice_order
 from ichedge.report import interval, write_sweep_report
 from ichedge.training import (
-    TrainConfig, finish_run_dir, fit, new_run_dir, patient_groups, remap_split, slice_order, write_run,
+    TrainConfig, check_context_usable, finish_run_dir, fit, new_run_dir, remap_split, write_run,
 )
 
 log = logging.getLogger(__name__)
@@ -93,6 +93,7 @@ def run_sweep(
     splits = [train_val_test_split(dataset, seed=seed)] if folds == 1 else kfold_splits(dataset, folds, seed)
     for split in splits:
         check_no_patient_overlap(dataset, split)
+    check_context_usable(base, dataset)
     tmp, final = new_run_dir(Path(runs_root), f"sweep-{folds}fold" if folds > 1 else "sweep")
     results: list[ConfigResult] = []
     try:
@@ -241,11 +242,14 @@ def profile_columns(p: dict) -> dict[str, str]:
 
 def write_tables(out: Path, results: Sequence[ConfigResult], dataset: Dataset, folds: int) -> None:
     rows = table_rows(results, folds)
+    # Rows may differ in columns (a random-weights row has no context figures): every column
+    # any row has, in first-seen order, and "-" where a row has none.
+    header = list(dict.fromkeys(k for r in rows for k in r))
+    rows = [{h: r.get(h, "-") for h in header} for r in rows]
     with (out / "results.csv").open("w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w = csv.DictWriter(fh, fieldnames=header)
         w.writeheader()
         w.writerows(rows)
-    header = list(rows[0])
     unit = dataset.split_unit
     split = f"{folds} folds grouped by {unit} (mean ± sd)" if folds > 1 else f"one split by {unit}"
     notes = [

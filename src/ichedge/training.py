@@ -34,7 +34,7 @@ from ichedge.evaluation import (
     plot_roc,
 )
 from ichedge.model import Weights, build_head, build_model, feature_extractor, resolve_weights
-from ichedge.preprocess import Loaded, Preprocessing, load_inputs
+from ichedge.preprocess import Loaded, Preprocessing, load_inputs, patient_groups, slice_order
 from ichedge.report import write_run_report
 from ichedge.triage import DEFAULT_AGGREGATE, study_score
 
@@ -200,7 +200,7 @@ def fit(
     x, y = inputs.x, inputs.y
     check_split_usable(y, split)
     if config.context and (groups is None or order is None):
-        raise DataError("slice context needs patient IDs and slice numbers (a manifest with patient and slice columns)")
+        raise DataError(CONTEXT_NEEDS)
     weights = resolve_weights(config.alpha, config.size, config.weights)
     model = build_model(config.alpha, config.size, weights, config.neurons, config.dropout, config.seed, config.trim)
     tr, va, te = split.train, split.val, split.test
@@ -268,6 +268,13 @@ def _fit_head(head: keras.Model, config: TrainConfig, features: np.ndarray, y: n
 
 
 CONTEXT_INNER_FOLDS = 4
+CONTEXT_NEEDS = "slice context needs patient IDs and slice numbers (a manifest with patient and slice columns)"
+
+
+def check_context_usable(config: TrainConfig, dataset: Dataset) -> None:
+    """Fail before any image is loaded when ``config.context`` cannot work on ``dataset``."""
+    if config.context and (not dataset.has_patients or any(r.slice is None for r in dataset.records)):
+        raise DataError(f"{dataset.name}: {CONTEXT_NEEDS}")
 
 
 def _fit_context(config: TrainConfig, features: np.ndarray, y: np.ndarray, split: Split, groups: np.ndarray,
@@ -490,6 +497,7 @@ def train(
 ) -> tuple[Path, TrainResult]:
     """Load, train, evaluate and write a new run folder; returns its path and the result."""
     check_no_patient_overlap(dataset, split)
+    check_context_usable(config, dataset)
     inputs = load_inputs(dataset, config.preprocessing, progress=progress)
     local = remap_split(split, inputs.indices)
     result = fit(config, inputs, local, progress=progress, groups=patient_groups(dataset, inputs),
@@ -501,19 +509,6 @@ def train(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-
-def patient_groups(dataset: Dataset, inputs: Loaded) -> np.ndarray | None:
-    """The patient of each loaded input, or None when the layout has no patient IDs."""
-    return dataset.groups[inputs.indices] if dataset.has_patients else None
-
-
-def slice_order(dataset: Dataset, inputs: Loaded) -> np.ndarray | None:
-    """The slice number of each loaded input, or None when patients or slice numbers are unknown."""
-    records = [dataset.records[i] for i in inputs.indices]
-    if not dataset.has_patients or any(r.slice is None for r in records):
-        return None
-    return np.array([r.slice for r in records], dtype=np.float64)
 
 
 def remap_split(split: Split, kept: np.ndarray) -> Split:
