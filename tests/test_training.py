@@ -137,3 +137,24 @@ def test_run_folder_appears_whole_or_not_at_all(tmp_path):
         (second.tmp / "b.txt").write_text("b")
     assert first.path != second.path and (first.path / "a.txt").read_text() == "a"
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([first.path.name, second.path.name])
+
+
+def test_sigterm_removes_a_half_written_run_folder(tmp_path):
+    """`kill` during a run must not leave a hidden temporary folder (the CLI installs this handler)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import os, signal, sys\n"
+        "from pathlib import Path\n"
+        "from ichedge.cli import exit_cleanly_on_sigterm\n"
+        "from ichedge.training import run_folder\n"
+        "exit_cleanly_on_sigterm()\n"
+        "with run_folder(Path(sys.argv[1]), 'run') as folder:\n"
+        "    (folder.tmp / 'half.txt').write_text('half')\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    signal.pause()\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, timeout=120)
+    assert proc.returncode == 143, proc.stderr.decode()[-500:]
+    assert list(tmp_path.iterdir()) == [], "the temporary folder was removed, nothing was renamed into place"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 import warnings
 from dataclasses import fields
@@ -302,8 +303,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def exit_cleanly_on_sigterm() -> None:
+    """Turn SIGTERM (``kill``, a job scheduler, a container stop) into SystemExit.
+
+    Python's default SIGTERM ends the process without unwinding, so the cleanup of a
+    half-written run or export folder never ran and a hidden temporary folder stayed behind.
+    """
+    def stop(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    exit_cleanly_on_sigterm()
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     warnings.filterwarnings("ignore", module="keras")  # framework chatter, not about the user's data
