@@ -94,6 +94,11 @@ class Dataset:
         return "image"
 
     @property
+    def has_slice_order(self) -> bool:
+        """Whether every slice is placed in its patient's scan (2.5D input and slice context need it)."""
+        return self.has_patients and all(r.slice is not None for r in self.records)
+
+    @property
     def groups(self) -> np.ndarray:
         """Patient IDs, else near-duplicate clusters, else one group per image."""
         if self.has_patients:

@@ -139,7 +139,7 @@ def _neighbour_image(record: Record, other: Record, own: np.ndarray) -> np.ndarr
 
 def neighbour_records(ds: Dataset) -> list[tuple[Record, Record]]:
     """For each record, the records of the slices just below and above (itself at the ends)."""
-    if not ds.has_patients or any(r.slice is None for r in ds.records):
+    if not ds.has_slice_order:
         raise DataError(f"{ds.name}: channel mode 2.5d needs patient IDs and slice numbers")
     by_key = {(r.patient, r.slice): r for r in ds.records}
     return [(by_key.get((r.patient, r.slice - 1), r), by_key.get((r.patient, r.slice + 1), r)) for r in ds.records]

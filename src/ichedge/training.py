@@ -273,7 +273,7 @@ CONTEXT_NEEDS = "slice context needs patient IDs and slice numbers (a manifest w
 
 def check_context_usable(config: TrainConfig, dataset: Dataset) -> None:
     """Fail before any image is loaded when ``config.context`` cannot work on ``dataset``."""
-    if config.context and (not dataset.has_patients or any(r.slice is None for r in dataset.records)):
+    if config.context and not dataset.has_slice_order:
         raise DataError(f"{dataset.name}: {CONTEXT_NEEDS}")
 
 
