@@ -141,6 +141,19 @@ def test_tflm_matches_litert_int8_and_finds_the_smallest_arena(exported):
     assert np.abs(run.outputs.reshape(-1).astype(int) - reference.raw(x).astype(int)).max() <= 2
 
 
+def test_multilevel_head_quantises_and_runs_in_tflm(tmp_path):
+    ds = read_manifest(write_manifest(tmp_path / "data", patients=12))
+    run, _ = train(TrainConfig(size=32, alpha=0.35, head="multilevel"), ds,
+                   train_val_test_split(ds, test=0.25, val=0.25), tmp_path / "runs", progress=False)
+    model = export_run(run, calibration_images=20).files["int8"]
+    x = split_inputs(read_run_config(run), "test").x
+    int8 = Predictor.load(model)
+    assert np.abs(int8.predict(x) - Predictor.load(run).predict(x)).max() < 0.1
+    reference = Predictor.load(model, reference_kernels=True)
+    result = run_tflm(model, find_arena(model), int8.quantize(x[:4]))  # its max pooling included
+    assert np.abs(result.outputs.reshape(-1).astype(int) - reference.raw(x[:4]).astype(int)).max() <= 2
+
+
 def test_macs_of_a_known_model(exported):
     # MobileNetV2 alpha 0.35 at 32x32 has ~1/49 of its 224x224 MACs (~59 M): a few hundred thousand
     macs = count_macs(exported.files["int8"])

@@ -96,3 +96,23 @@ def test_trim_drops_the_last_wide_convolution_and_keeps_imagenet_weights():
     a = full.get_layer("backbone").get_layer("block_16_project").kernel.numpy()
     b = trimmed.get_layer("backbone").get_layer("block_16_project").kernel.numpy()
     assert np.array_equal(a, b)
+
+
+def test_multilevel_head_pools_block_13_and_block_16_and_drops_the_last_convolution():
+    import keras
+
+    w = resolve_weights(0.35, 96)
+    paper = build_model(0.35, 96, w)
+    multilevel = build_model(0.35, 96, w, head="multilevel")
+    x = np.random.default_rng(0).uniform(0, 255, (3, 96, 96, 3)).astype("float32")
+    full = paper.get_layer("backbone")
+    maps = keras.Model(full.input, [full.get_layer(n).output for n in ("block_13_expand_relu", "block_16_project_BN")])
+    b13, b16 = maps.predict(x / 127.5 - 1, verbose=0)
+    expected = np.c_[b13.mean((1, 2)), b16.mean((1, 2)), b16.max((1, 2))]  # 192 + 112 + 112 at alpha 0.35
+    got = feature_extractor(multilevel).predict(x, verbose=0)
+    assert got.shape == (3, 416) and np.allclose(got, expected, atol=1e-4)
+    names = {layer.name for layer in multilevel.get_layer("backbone").layers}
+    assert "Conv_1" not in names and "Conv_1" in {layer.name for layer in full.layers}
+    assert multilevel.count_params() < paper.count_params() - 112 * 1280
+    with pytest.raises(ValueError, match="head must be one of"):
+        build_model(0.35, 96, w, head="mlp")

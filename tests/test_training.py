@@ -6,7 +6,8 @@ import pytest
 
 from ichedge.data import Split, read_manifest, train_val_test_split
 from ichedge.training import (
-    TrainConfig, check_split_usable, class_weights, finish_run_dir, new_run_dir, remap_split, train, unfreeze_top,
+    TrainConfig, check_split_usable, class_weights, finish_run_dir, fit_logistic, new_run_dir, remap_split, train,
+    unfreeze_top,
 )
 
 RUN_FILES = {"config.json", "model.keras", "history.csv", "metrics.json", "predictions.npz",
@@ -103,6 +104,66 @@ def test_transfer_learning_on_real_ct_subset(real_subset, tmp_path):
     assert m["validation"]["sensitivity"] >= 0.95, "the threshold is set on validation for the target"
     assert m["high_sensitivity"]["threshold"] <= m["default"]["threshold"]
     assert m["default"]["n"] == len(meta["split"]["test"])
+
+
+def _int8_steps(features, taps):
+    """What a per-tensor int8 quantisation of each pooled tap leaves of the features."""
+    out, start = features.copy(), 0
+    for width in taps:
+        part = features[:, start:start + width]
+        low, step = part.min(), (part.max() - part.min()) / 255
+        out[:, start:start + width] = np.round((part - low) / step) * step + low
+        start += width
+    return out
+
+
+def test_logistic_head_does_not_lean_on_what_int8_cannot_resolve():
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    rng = np.random.default_rng(0)
+    y = (rng.random(400) < 0.3).astype(int)
+    wide = rng.normal(0, 3, (400, 3)) + y[:, None]
+    tiny = rng.normal(0, 1e-3, (400, 1)) + 3e-3 * y[:, None]  # telling, but far below its tap's int8 step
+    other = rng.normal(0, 1, (400, 3)) + 0.5 * y[:, None]
+    f = np.c_[wide, tiny, other]
+    sigmoid = lambda z: 1 / (1 + np.exp(-z))  # noqa: E731
+    plain = make_pipeline(StandardScaler(), LogisticRegression(C=0.01, max_iter=5000, class_weight="balanced")).fit(f, y)
+    assert np.abs(plain.predict_proba(f)[:, 1] - plain.predict_proba(_int8_steps(f, [4, 3]))[:, 1]).max() > 0.5
+    w, b = fit_logistic(f, y, [4, 3])
+    assert np.abs(sigmoid(f @ w + b) - sigmoid(_int8_steps(f, [4, 3]) @ w + b)).max() < 0.02
+    # where every channel varies more than its step, it is the plain standardised regression
+    w, b = fit_logistic(other, y, [3])
+    reference = make_pipeline(StandardScaler(), LogisticRegression(C=0.01, max_iter=5000, class_weight="balanced"))
+    assert np.allclose(sigmoid(other @ w + b), reference.fit(other, y).predict_proba(other)[:, 1], atol=1e-6)
+    with pytest.raises(ValueError, match="taps add up to 3 features, not 7"):
+        fit_logistic(f, y, [3])
+
+
+def test_multilevel_run_serves_the_fitted_regression_and_explains_it(tmp_path):
+    from ichedge.explain import GradCAM
+    from ichedge.model import feature_extractor
+    from ichedge.predict import Predictor, read_run_config, split_inputs
+    from tests.conftest import write_manifest
+
+    ds = read_manifest(write_manifest(tmp_path / "data", patients=12))
+    split = train_val_test_split(ds, test=0.25, val=0.25, seed=0)
+    run, result = train(TrainConfig(size=32, alpha=0.35, head="multilevel"), ds, split, tmp_path / "runs", progress=False)
+    assert run.name.endswith("-multilevel") and RUN_FILES <= _files(run)
+    assert [r["phase"] for r in csv.DictReader((run / "history.csv").open())] == ["frozen"], "fitted in one go"
+    model = Predictor.load(run).model
+    test = split_inputs(read_run_config(run), "test")
+    p = model.predict(test.x.astype("float32"), verbose=0).reshape(-1)
+    assert np.allclose(p, result.probabilities["test"], atol=1e-5), "the saved model is the evaluated one"
+    # its head is the regression fit_logistic finds on the training images' pooled taps
+    y = np.array([r.label for r in ds.records])
+    w, b = fit_logistic(result.features[split.train], y[split.train], [192, 112, 112])
+    f = feature_extractor(model).predict(test.x.astype("float32"), verbose=0)
+    assert np.allclose(p, 1 / (1 + np.exp(-(f @ w + b))), atol=1e-4)
+    heat, prob = GradCAM(model)(test.x)
+    assert heat.shape == (len(test.x), 32, 32) and (heat >= 0).all() and heat.max() > 0
+    assert np.allclose(prob, p, atol=1e-4)
 
 
 def test_config_rejects_impossible_settings():

@@ -18,6 +18,7 @@ from ichedge.triage import AGGREGATES
 
 
 def _config_args(p: argparse.ArgumentParser, single: bool) -> None:
+    from ichedge.model import HEADS
     from ichedge.training import TrainConfig
 
     d = TrainConfig()
@@ -31,6 +32,9 @@ def _config_args(p: argparse.ArgumentParser, single: bool) -> None:
     p.add_argument("--no-crop", dest="crop", action="store_false", help="keep the full frame (default: crop to the head)")
     p.add_argument("--trim", action="store_true",
                    help="drop the backbone's last 1x1 conv (1280 channels): about a third smaller at alpha 0.35")
+    p.add_argument("--head", choices=HEADS, default=d.head,
+                   help="paper: pooled last map -> Dense(neurons) -> dropout -> output; multilevel: logistic "
+                        "regression on pooled block_13 and block_16 features (frozen backbone: fitted, no epochs)")
     p.add_argument("--neurons", type=int, default=d.neurons)
     p.add_argument("--dropout", type=float, default=d.dropout)
     p.add_argument("--epochs", type=int, default=d.epochs)

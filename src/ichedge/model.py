@@ -1,8 +1,15 @@
-"""MobileNetV2(rho, alpha) with the paper's head, and where its starting weights come from.
+"""MobileNetV2(rho, alpha) with the paper's head or a multi-level linear head, and where its
+starting weights come from.
 
 The model takes uint8-range pixels (0..255, shape rho x rho x 3) and rescales them itself, then
-runs the MobileNetV2 backbone, global average pooling and the head: Dense(N, ReLU) -> Dropout ->
-Dense(1, sigmoid), the probability of hemorrhage.
+runs the MobileNetV2 backbone and one of two heads (:data:`HEADS`):
+
+- ``paper``: global average pooling of the last feature map, then Dense(N, ReLU) -> Dropout ->
+  Dense(1, sigmoid), the probability of hemorrhage;
+- ``multilevel``: average pooling of ``block_13_expand_relu`` and average and max pooling of
+  ``block_16_project_BN`` (:data:`MULTILEVEL_TAPS`), each tap weighted by its own Dense(1), the
+  sum through a sigmoid: a logistic regression over mid- and high-level features, fitted by
+  :func:`ichedge.training.fit_logistic`. The backbone ends before the last 1x1 convolution.
 
 Weights are resolved offline first: a file the user gives, the ImageNet files bundled in the
 package (alpha 0.35), Keras's own download when online, and random weights only when asked or
@@ -106,13 +113,26 @@ def resolve_weights(
 TRIM_AT = "block_16_project_BN"
 
 
-def build_backbone(alpha: float, size: int, weights: Weights, trim: bool = False) -> keras.Model:
+HEADS = ("paper", "multilevel")
+# Backbone layer and pooling of each multilevel tap, chosen on validation AUC among frozen-feature
+# variants in issue 2 (bench/ablation_context.py measures them beside single-layer features).
+# Likely why they help: block_13 sees 14x14 cells at 224x224, fine enough for small bleeds, and
+# max pooling keeps a small bright focus that averaging dilutes.
+MULTILEVEL_TAPS = (("block_13_expand_relu", "avg"), ("block_16_project_BN", "avg"), ("block_16_project_BN", "max"))
+
+
+def build_backbone(alpha: float, size: int, weights: Weights, trim: bool = False,
+                   outputs: tuple[str, ...] = ()) -> keras.Model:
+    """MobileNetV2 without top; ``outputs`` names the layers it returns (default: its last)."""
     full = keras.applications.MobileNetV2(
         input_shape=(size, size, 3), alpha=alpha, include_top=False, weights=None
     )
     if weights.pretrained:
         full.load_weights(weights.path)
-    backbone = keras.Model(full.input, full.get_layer(TRIM_AT).output) if trim else full
+    if outputs:
+        backbone = keras.Model(full.input, [full.get_layer(n).output for n in outputs])
+    else:
+        backbone = keras.Model(full.input, full.get_layer(TRIM_AT).output) if trim else full
     backbone.name = "backbone"
     if not weights.pretrained:
         # Keras's MobileNetV2 uses batch-norm momentum 0.999, tuned for ImageNet's long runs: in
@@ -132,21 +152,36 @@ def build_model(
     dropout: float = 0.1,
     seed: int = 0,
     trim: bool = False,
+    head: str = "paper",
 ) -> keras.Model:
     """The full classifier: pixels -> rescale -> backbone -> pooling -> head -> probability.
 
-    ``trim`` drops the backbone's last 1x1 convolution (see :data:`TRIM_AT`).
+    ``trim`` drops the backbone's last 1x1 convolution (see :data:`TRIM_AT`); ``head`` is one
+    of :data:`HEADS` (``neurons`` and ``dropout`` shape the paper's).
     """
+    if head not in HEADS:
+        raise ValueError(f"head must be one of {', '.join(HEADS)}, not {head!r}")
     keras.utils.set_random_seed(seed)
-    backbone = build_backbone(alpha, size, weights, trim)
+    layers = tuple(dict.fromkeys(layer for layer, _ in MULTILEVEL_TAPS)) if head == "multilevel" else ()
+    backbone = build_backbone(alpha, size, weights, trim, layers)
     inputs = keras.Input((size, size, 3), name="pixels")
     x = keras.layers.Rescaling(1 / 127.5, offset=-1.0, name="rescale")(inputs)
     # A pretrained backbone keeps its batch-norm statistics (inference mode) even when its
     # layers are unfrozen: re-estimating them on a few hundred CT slices destroys the features.
     x = backbone(x, training=False) if weights.pretrained else backbone(x)
-    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
-    outputs = build_head(int(x.shape[-1]), neurons, dropout)(x)
+    if head == "multilevel":
+        maps = dict(zip(layers, x))
+        pools = [(keras.layers.GlobalAveragePooling2D if how == "avg" else keras.layers.GlobalMaxPooling2D)(
+            name=pool_name(layer, how))(maps[layer]) for layer, how in MULTILEVEL_TAPS]
+        outputs = build_multilevel_head([int(p.shape[-1]) for p in pools])(pools)
+    else:
+        x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+        outputs = build_head(int(x.shape[-1]), neurons, dropout)(x)
     return keras.Model(inputs, outputs, name=f"mobilenetv2_{size}_{alpha:g}")
+
+
+def pool_name(layer: str, how: str) -> str:
+    return f"pool_{how}_{layer}"
 
 
 def build_head(features: int, neurons: int = 8, dropout: float = 0.1) -> keras.Model:
@@ -157,6 +192,25 @@ def build_head(features: int, neurons: int = 8, dropout: float = 0.1) -> keras.M
     return keras.Model(inputs, outputs, name="head")
 
 
+def build_multilevel_head(taps: list[int]) -> keras.Model:
+    """One Dense(1) per pooled tap, summed to the logit: a linear model that int8 quantises well,
+    because each tap keeps its own quantisation scale instead of sharing one in a concatenation."""
+    inputs = [keras.Input((n,), name=f"tap{i}") for i, n in enumerate(taps)]
+    terms = [keras.layers.Dense(1, use_bias=i == 0, name=f"tap{i}_weights")(t) for i, t in enumerate(inputs)]
+    logit = keras.layers.Add(name="logit")(terms)
+    outputs = keras.layers.Activation("sigmoid", name="hemorrhage")(logit)
+    return keras.Model(inputs, outputs, name="head")
+
+
+def head_kind(model: keras.Model) -> str:
+    """Which of :data:`HEADS` an ichedge model carries."""
+    return "paper" if any(layer.name == "pool" for layer in model.layers) else "multilevel"
+
+
 def feature_extractor(model: keras.Model) -> keras.Model:
-    """The model up to the pooled features: what the frozen phase computes once and caches."""
-    return keras.Model(model.input, model.get_layer("pool").output, name="features")
+    """The model up to the pooled features (the multilevel taps side by side): what the frozen
+    phase computes once and caches."""
+    if head_kind(model) == "paper":
+        return keras.Model(model.input, model.get_layer("pool").output, name="features")
+    pools = [model.get_layer(pool_name(layer, how)).output for layer, how in MULTILEVEL_TAPS]
+    return keras.Model(model.input, keras.layers.Concatenate(name="taps")(pools), name="features")

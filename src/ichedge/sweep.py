@@ -155,7 +155,7 @@ def _weights_label(weights) -> str:
 def _training_label(config: TrainConfig, pretrained: bool) -> str:
     if not pretrained:
         return f"from scratch, {config.epochs} ep"
-    text = f"frozen {config.epochs} ep"
+    text = "frozen, logistic multilevel head" if config.head == "multilevel" else f"frozen {config.epochs} ep"
     return text + (f" + fine-tune {config.fine_tune_epochs} ep" if config.fine_tune_epochs else "")
 
 

@@ -4,7 +4,9 @@ A pretrained backbone is first frozen: its pooled features are computed once for
 (seconds, not minutes, on 2 cores) and the head is trained on them. Optional fine-tuning then
 unfreezes the top of the backbone, keeps its batch-norm statistics fixed, and trains on
 augmented images at a lower rate. A backbone without pretrained weights has nothing to freeze,
-so the whole network trains from scratch on augmented images. With ``context``, a slice-context
+so the whole network trains from scratch on augmented images. The ``multilevel`` head is a
+logistic regression: on frozen features scikit-learn fits it in one go, no epochs (see
+:func:`fit_logistic`). With ``context``, a slice-context
 model (:mod:`ichedge.context`) is fitted on out-of-fold head scores of the training patients and
 evaluated beside the slice model.
 """
@@ -33,7 +35,7 @@ from ichedge.evaluation import (
     calibration, evaluate_split, evaluate_studies, intervals, plot_confusion, plot_history, plot_pr, plot_reliability,
     plot_roc,
 )
-from ichedge.model import Weights, build_head, build_model, feature_extractor, resolve_weights
+from ichedge.model import HEADS, Weights, build_head, build_model, feature_extractor, resolve_weights
 from ichedge.preprocess import Loaded, Preprocessing, load_inputs, patient_groups, slice_order
 from ichedge.report import write_run_report
 from ichedge.triage import DEFAULT_AGGREGATE, study_score
@@ -55,6 +57,7 @@ class TrainConfig:
     neurons: int = 8
     dropout: float = 0.1
     trim: bool = False
+    head: str = "paper"
     epochs: int = 10
     learning_rate: float = 1e-3
     batch_size: int = 32
@@ -79,6 +82,9 @@ class TrainConfig:
             "dropout must be in [0, 1)": 0 <= self.dropout < 1,
             "alpha must be positive": self.alpha > 0,
             "target_sensitivity must be in (0, 1]": 0 < self.target_sensitivity <= 1,
+            f"head must be one of {', '.join(HEADS)}": self.head in HEADS,
+            "trim applies to the paper head only (the multilevel head stops before that convolution anyway)":
+                not (self.trim and self.head == "multilevel"),
             # Out-of-fold slice scores for the context model retrain the head on cached features;
             # with fine-tuning each would be a whole training.
             "context needs the frozen-backbone training only (fine_tune_epochs 0)":
@@ -97,7 +103,7 @@ class TrainConfig:
     @property
     def name(self) -> str:
         return (f"{self.size}px-a{self.alpha:g}-{self.channels}" + ("-trim" if self.trim else "")
-                + ("-context" if self.context else ""))
+                + (f"-{self.head}" if self.head != "paper" else "") + ("-context" if self.context else ""))
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -202,7 +208,8 @@ def fit(
     if config.context and (groups is None or order is None):
         raise DataError(CONTEXT_NEEDS)
     weights = resolve_weights(config.alpha, config.size, config.weights)
-    model = build_model(config.alpha, config.size, weights, config.neurons, config.dropout, config.seed, config.trim)
+    model = build_model(config.alpha, config.size, weights, config.neurons, config.dropout, config.seed, config.trim,
+                        config.head)
     tr, va, te = split.train, split.val, split.test
     cw = class_weights(y[tr]) if config.class_weight else None
     history: dict[str, list] = {}
@@ -218,7 +225,10 @@ def fit(
             features = compute_features(model, x)
         seconds["features"] = time.perf_counter() - start
         start = time.perf_counter()
-        _append(history, _fit_head(head, config, features, y, tr, va, cw, progress), "frozen")
+        if config.head == "multilevel":
+            _append(history, _fit_logistic_head(head, config, features, y, tr, va), "frozen")
+        else:
+            _append(history, _fit_head(head, config, features, y, tr, va, cw, progress), "frozen")
         seconds["frozen"] = time.perf_counter() - start
         if config.fine_tune_epochs > 0:
             start = time.perf_counter()
@@ -245,7 +255,7 @@ def fit(
     if config.context:
         if weights.pretrained:
             start = time.perf_counter()
-            context = _fit_context(config, features, y, split, groups, order)
+            context = _fit_context(config, features, y, split, groups, order, [int(t.shape[-1]) for t in head.inputs])
             for part, idx in (("val", va), ("test", te)):
                 probs[f"{part}_context"] = context.apply(probs[part], groups[idx], order[idx])
             metrics.update(_context_metrics(config, labels, probs, groups[va], groups[te]))
@@ -267,6 +277,61 @@ def _fit_head(head: keras.Model, config: TrainConfig, features: np.ndarray, y: n
     return h.history
 
 
+# L2 strength of the multilevel head's logistic regression on standardised features, as in the
+# frozen-feature ablations; bench/ablation_context.py measures 0.003 (lower validation AUC) and
+# 0.03 (tied) beside it.
+LOGISTIC_C = 0.01
+
+
+def fit_logistic(features: np.ndarray, y: np.ndarray, taps: list[int], balanced: bool = True,
+                 c: float = LOGISTIC_C) -> tuple[np.ndarray, float]:
+    """A standardised L2 logistic regression, returned as weights and bias on the raw features.
+
+    Standardising weighs every channel alike, but int8 resolves a pooled tap only in steps of
+    its range / 255 (one scale per tensor): a channel that varies less than that step would get
+    a weight int8 cannot honour (one fold at 224x224: int8 AUC 0.83 against 0.88 in float; 0.87
+    in both with the floor). So no channel is scaled by less than its tap's step over the
+    training features (``taps`` gives each tap's width in ``features``).
+    """
+    from sklearn.linear_model import LogisticRegression
+
+    if sum(taps) != features.shape[1]:
+        raise ValueError(f"taps add up to {sum(taps)} features, not {features.shape[1]}")
+    mean, scale = features.mean(0), features.std(0)
+    start = 0
+    for width in taps:
+        part = features[:, start:start + width]
+        step = float(part.max() - part.min()) / 255
+        scale[start:start + width] = np.maximum(scale[start:start + width], max(step, 1e-6))
+        start += width
+    lr = LogisticRegression(C=c, max_iter=5000, class_weight="balanced" if balanced else None)
+    lr.fit((features - mean) / scale, y)
+    w = lr.coef_[0] / scale
+    return w, float(lr.intercept_[0] - w @ mean)
+
+
+def _logistic_scores(w: np.ndarray, b: float, features: np.ndarray) -> np.ndarray:
+    return 1 / (1 + np.exp(-(features @ w + b)))
+
+
+def _fit_logistic_head(head: keras.Model, config: TrainConfig, features: np.ndarray, y: np.ndarray,
+                       tr: np.ndarray, va: np.ndarray) -> dict[str, list]:
+    """Fit the multilevel head on cached features and write it into ``head``; its one-step history."""
+    from sklearn.metrics import log_loss, roc_auc_score
+
+    taps = [int(t.shape[-1]) for t in head.inputs]
+    w, b = fit_logistic(features[tr], y[tr], taps, config.class_weight)
+    for i, part in enumerate(np.split(w, np.cumsum(taps)[:-1])):
+        layer = head.get_layer(f"tap{i}_weights")
+        layer.set_weights([part[:, None].astype("float32")] + ([np.array([b], "float32")] if i == 0 else []))
+    history = {}
+    for prefix, idx in (("", tr), ("val_", va)):
+        p = _logistic_scores(w, b, features[idx])
+        history[f"{prefix}loss"] = [log_loss(y[idx], p, labels=[0, 1])]
+        history[f"{prefix}auc"] = [roc_auc_score(y[idx], p)]
+    return history
+
+
 CONTEXT_INNER_FOLDS = 4
 CONTEXT_NEEDS = "slice context needs patient IDs and slice numbers (a manifest with patient and slice columns)"
 
@@ -278,7 +343,7 @@ def check_context_usable(config: TrainConfig, dataset: Dataset) -> None:
 
 
 def _fit_context(config: TrainConfig, features: np.ndarray, y: np.ndarray, split: Split, groups: np.ndarray,
-                 order: np.ndarray) -> SliceContext:
+                 order: np.ndarray, taps: list[int]) -> SliceContext:
     """The context model, fitted on out-of-fold head scores of the training patients.
 
     The head is retrained on inner patient folds of the training split (cached features, so
@@ -293,6 +358,10 @@ def _fit_context(config: TrainConfig, features: np.ndarray, y: np.ndarray, split
     oof = np.zeros(len(tr))
     folds = StratifiedGroupKFold(n_folds, shuffle=True, random_state=config.seed).split(tr, y[tr], groups[tr])
     for k, (inner, held) in enumerate(folds):
+        if config.head == "multilevel":
+            w, b = fit_logistic(features[tr[inner]], y[tr[inner]], taps, config.class_weight)
+            oof[held] = _logistic_scores(w, b, features[tr[held]])
+            continue
         keras.utils.set_random_seed(config.seed + 1 + k)
         head = build_head(features.shape[1], config.neurons, config.dropout)
         cw = class_weights(y[tr[inner]]) if config.class_weight else None
