@@ -1,4 +1,4 @@
-"""Input size, feature layer and slice context: the frozen-feature ablations of issue 2's last round
+"""Input size, feature layers and slice context: the frozen-feature ablations of issue 2
 (an experiment, not a test).
 
 On the full-resolution CT-ICH images (650x650 JPEGs, cropped to the head), with the 5 patient
@@ -7,7 +7,9 @@ folds `ichedge sweep --cv --data <labels.csv>` uses (seed 0): frozen ImageNet Mo
 optionally the slice-context stage (`ichedge.context`) fitted on out-of-fold scores of the
 training patients (4 inner patient folds). Prints test AUC (mean ± sd over folds), the mean
 validation AUC (what a choice between rows may look at), and sensitivity / specificity at the
-threshold chosen on validation for sensitivity >= 0.95.
+threshold chosen on validation for sensitivity >= 0.95. The last rows are the taps of ichedge's
+multilevel head (`--head multilevel`), at three regularisation strengths, and with the head's own
+fit (`ichedge.training.fit_logistic`, which floors each channel's scale at its tap's int8 step).
 
     python bench/ablation_context.py [../shared/data/ct-ich/labels.csv]
 """
@@ -30,70 +32,87 @@ from ichedge.data import kfold_splits, read_manifest
 from ichedge.evaluation import threshold_for_sensitivity
 from ichedge.model import build_model, resolve_weights
 from ichedge.preprocess import Preprocessing, load_inputs, slice_order
-from ichedge.training import remap_split
+from ichedge.training import fit_logistic, remap_split
 
 DATA = sys.argv[1] if len(sys.argv) > 1 else "../shared/data/ct-ich/labels.csv"
 
 
-def head() -> object:
-    return make_pipeline(StandardScaler(), LogisticRegression(C=0.01, max_iter=3000, class_weight="balanced"))
+class Head:
+    """A standardised, balanced logistic regression (``taps`` given: ichedge's int8-safe fit)."""
+
+    def __init__(self, c: float = 0.01, taps: list[int] | None = None) -> None:
+        self.c, self.taps = c, taps
+
+    def scores(self, f: np.ndarray, y: np.ndarray, train: np.ndarray, rest: np.ndarray) -> np.ndarray:
+        out = np.zeros(len(y))
+        if self.taps:
+            w, b = fit_logistic(f[train], y[train], self.taps, c=self.c)
+            out[rest] = 1 / (1 + np.exp(-(f[rest] @ w + b)))
+        else:
+            lr = LogisticRegression(C=self.c, max_iter=3000, class_weight="balanced")
+            out[rest] = make_pipeline(StandardScaler(), lr).fit(f[train], y[train]).predict_proba(f[rest])[:, 1]
+        return out
 
 
-def scores(f: np.ndarray, y: np.ndarray, train: np.ndarray, rest: np.ndarray) -> np.ndarray:
-    out = np.zeros(len(y))
-    out[rest] = head().fit(f[train], y[train]).predict_proba(f[rest])[:, 1]
-    return out
-
-
-def with_context(f, y, split, groups, order) -> np.ndarray:
+def with_context(f, y, split, groups, order, head: Head) -> np.ndarray:
     """Context scores of validation and test slices; the context model sees only out-of-fold scores."""
     tr = split.train
     oof = np.zeros(len(y))
     for inner, held in StratifiedGroupKFold(4, shuffle=True, random_state=0).split(tr, y[tr], groups[tr]):
-        oof[tr[held]] = scores(f, y, tr[inner], tr[held])[tr[held]]
+        oof[tr[held]] = head.scores(f, y, tr[inner], tr[held])[tr[held]]
     ctx = SliceContext.fit(oof[tr], y[tr], groups[tr], order[tr])
     rest = np.r_[split.val, split.test]
-    p = scores(f, y, tr, rest)
+    p = head.scores(f, y, tr, rest)
     out = np.zeros(len(y))
     for part in (split.val, split.test):  # whole patients: each part is a set of complete studies
         out[part] = ctx.apply(p[part], groups[part], order[part])
     return out
 
 
-def report(name: str, f, y, splits, groups, order, context: bool) -> None:
+def report(name: str, f, y, splits, groups, order, context: bool, head: Head | None = None) -> None:
+    head = head or Head()
     aucs, vals, sens, spec = [], [], [], []
     for s in splits:
-        p = with_context(f, y, s, groups, order) if context else scores(f, y, s.train, np.r_[s.val, s.test])
+        p = with_context(f, y, s, groups, order, head) if context else head.scores(f, y, s.train, np.r_[s.val, s.test])
         t = threshold_for_sensitivity(y[s.val], p[s.val], 0.95)
         flagged = p[s.test] >= t
         aucs.append(roc_auc_score(y[s.test], p[s.test]))
         vals.append(roc_auc_score(y[s.val], p[s.val]))
         sens.append(flagged[y[s.test] == 1].mean())
         spec.append(1 - flagged[y[s.test] == 0].mean())
-    print(f"{name:<52} {np.mean(aucs):.3f} ± {np.std(aucs, ddof=1):.3f}   val {np.mean(vals):.3f}   "
+    print(f"{name:<72} {np.mean(aucs):.3f} ± {np.std(aucs, ddof=1):.3f}   val {np.mean(vals):.3f}   "
           f"sens {np.mean(sens):.3f}  spec {np.mean(spec):.3f}", flush=True)
 
 
 def features(x: np.ndarray, size: int) -> dict[str, np.ndarray]:
     backbone = build_model(0.35, size, resolve_weights(0.35, size)).get_layer("backbone")
-    names = ("block_16_project_BN", "out_relu")
+    names = ("block_13_expand_relu", "block_16_project_BN", "out_relu")
     sub = keras.Model(backbone.input, [backbone.get_layer(n).output for n in names])
-    b16, out = sub.predict(x.astype("float32") / 127.5 - 1, batch_size=32, verbose=0)
-    return {"GAP(out_relu)": out.mean((1, 2)), "GAP+GMP(block_16_project)": np.c_[b16.mean((1, 2)), b16.max((1, 2))]}
+    b13, b16, out = sub.predict(x.astype("float32") / 127.5 - 1, batch_size=32, verbose=0)
+    b16 = np.c_[b16.mean((1, 2)), b16.max((1, 2))]
+    return {"GAP(out_relu)": out.mean((1, 2)), "GAP+GMP(block_16_project)": b16,
+            "GAP(block_13_expand) + GAP+GMP(block_16_project)": np.c_[b13.mean((1, 2)), b16]}
 
 
 def main() -> None:
     ds = read_manifest(DATA)
     print(ds.summary())
-    print(f"{'variant (frozen, alpha 0.35, head crop)':<52} test AUC (5 folds)  val AUC   hs sens / spec")
+    print(f"{'variant (frozen, alpha 0.35, head crop)':<72} test AUC (5 folds)  val AUC   hs sens / spec")
     for size in (160, 224, 288):
         loaded = load_inputs(ds, Preprocessing(size, "gray", True))
         y, groups, order = loaded.y, ds.groups[loaded.indices], slice_order(ds, loaded)
         splits = [remap_split(s, loaded.indices) for s in kfold_splits(ds, 5, seed=0)]
         for layer, f in features(loaded.x, size).items():
+            if "block_13" in layer and size != 224:
+                continue
             report(f"{size}px {layer}", f, y, splits, groups, order, False)
             if size == 224:
                 report(f"{size}px {layer} + slice context", f, y, splits, groups, order, True)
+            if "block_13" in layer:
+                for c in (0.003, 0.03):
+                    report(f"  same, C = {c}", f, y, splits, groups, order, True, Head(c))
+                report("  same, ichedge's int8-safe fit (fit_logistic)", f, y, splits, groups, order, True,
+                       Head(taps=[f.shape[1] - 224, 112, 112]))  # block_13 avg, block_16 avg, block_16 max
 
 
 if __name__ == "__main__":
