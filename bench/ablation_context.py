@@ -32,21 +32,28 @@ from ichedge.data import kfold_splits, read_manifest
 from ichedge.evaluation import threshold_for_sensitivity
 from ichedge.model import build_model, resolve_weights
 from ichedge.preprocess import Preprocessing, load_inputs, slice_order
-from ichedge.training import fit_logistic, remap_split
+from ichedge.training import Taps, fit_logistic, remap_split
 
 DATA = sys.argv[1] if len(sys.argv) > 1 else "../shared/data/ct-ich/labels.csv"
 
 
 class Head:
-    """A standardised, balanced logistic regression (``taps`` given: ichedge's int8-safe fit)."""
+    """A standardised, balanced logistic regression; with ``map_range`` (each image's block_16 map
+    minimum and maximum), ichedge's int8-safe fit of the multilevel taps, with their int8 steps
+    taken over all training images (ichedge samples 200 of them: :func:`ichedge.model.tap_int8_steps`)."""
 
-    def __init__(self, c: float = 0.01, taps: list[int] | None = None) -> None:
-        self.c, self.taps = c, taps
+    def __init__(self, c: float = 0.01, map_range: np.ndarray | None = None) -> None:
+        self.c, self.map_range = c, map_range
 
     def scores(self, f: np.ndarray, y: np.ndarray, train: np.ndarray, rest: np.ndarray) -> np.ndarray:
         out = np.zeros(len(y))
-        if self.taps:
-            w, b = fit_logistic(f[train], y[train], self.taps, c=self.c)
+        if self.map_range is not None:
+            widths = [f.shape[1] - 2 * B16, B16, B16]
+            avg13, avg16 = f[train][:, :widths[0]], f[train][:, widths[0]:widths[0] + B16]
+            span = self.map_range[train]
+            steps = [float(np.ptp(avg13)) / 255, float(np.ptp(avg16)) / 255,
+                     float(span[:, 1].max() - span[:, 0].min()) / 255]  # a max keeps its map's scale
+            w, b = fit_logistic(f[train], y[train], Taps(widths, steps), c=self.c)
             out[rest] = 1 / (1 + np.exp(-(f[rest] @ w + b)))
         else:
             lr = LogisticRegression(C=self.c, max_iter=3000, class_weight="balanced")
@@ -80,31 +87,38 @@ def report(name: str, f, y, splits, groups, order, context: bool, head: Head | N
         vals.append(roc_auc_score(y[s.val], p[s.val]))
         sens.append(flagged[y[s.test] == 1].mean())
         spec.append(1 - flagged[y[s.test] == 0].mean())
-    print(f"{name:<72} {np.mean(aucs):.3f} ± {np.std(aucs, ddof=1):.3f}   val {np.mean(vals):.3f}   "
+    print(f"{name:<76} {np.mean(aucs):.3f} ± {np.std(aucs, ddof=1):.3f}   val {np.mean(vals):.3f}   "
           f"sens {np.mean(sens):.3f}  spec {np.mean(spec):.3f}", flush=True)
 
 
-def features(x: np.ndarray, size: int) -> dict[str, np.ndarray]:
+B16 = 112  # block_16_project channels at alpha 0.35
+
+
+def features(x: np.ndarray, size: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Pooled features by variant (the multilevel taps at 224x224 only), and each image's block_16
+    map minimum and maximum."""
     backbone = build_model(0.35, size, resolve_weights(0.35, size)).get_layer("backbone")
     names = ("block_13_expand_relu", "block_16_project_BN", "out_relu")
     sub = keras.Model(backbone.input, [backbone.get_layer(n).output for n in names])
     b13, b16, out = sub.predict(x.astype("float32") / 127.5 - 1, batch_size=32, verbose=0)
+    span = np.c_[b16.min((1, 2, 3)), b16.max((1, 2, 3))]
     b16 = np.c_[b16.mean((1, 2)), b16.max((1, 2))]
-    return {"GAP(out_relu)": out.mean((1, 2)), "GAP+GMP(block_16_project)": b16,
-            "GAP(block_13_expand) + GAP+GMP(block_16_project)": np.c_[b13.mean((1, 2)), b16]}
+    variants = {"GAP(out_relu)": out.mean((1, 2)), "GAP+GMP(block_16_project)": b16}
+    if size == 224:
+        variants["multilevel (GAP block_13_expand, GAP+GMP block_16)"] = np.c_[b13.mean((1, 2)), b16]
+    return variants, span
 
 
 def main() -> None:
     ds = read_manifest(DATA)
     print(ds.summary())
-    print(f"{'variant (frozen, alpha 0.35, head crop)':<72} test AUC (5 folds)  val AUC   hs sens / spec")
+    print(f"{'variant (frozen, alpha 0.35, head crop)':<76} test AUC (5 folds)  val AUC   hs sens / spec")
     for size in (160, 224, 288):
         loaded = load_inputs(ds, Preprocessing(size, "gray", True))
         y, groups, order = loaded.y, ds.groups[loaded.indices], slice_order(ds, loaded)
         splits = [remap_split(s, loaded.indices) for s in kfold_splits(ds, 5, seed=0)]
-        for layer, f in features(loaded.x, size).items():
-            if "block_13" in layer and size != 224:
-                continue
+        variants, span = features(loaded.x, size)
+        for layer, f in variants.items():
             report(f"{size}px {layer}", f, y, splits, groups, order, False)
             if size == 224:
                 report(f"{size}px {layer} + slice context", f, y, splits, groups, order, True)
@@ -112,7 +126,7 @@ def main() -> None:
                 for c in (0.003, 0.03):
                     report(f"  same, C = {c}", f, y, splits, groups, order, True, Head(c))
                 report("  same, ichedge's int8-safe fit (fit_logistic)", f, y, splits, groups, order, True,
-                       Head(taps=[f.shape[1] - 224, 112, 112]))  # block_13 avg, block_16 avg, block_16 max
+                       Head(map_range=span))
 
 
 if __name__ == "__main__":

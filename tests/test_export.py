@@ -141,16 +141,31 @@ def test_tflm_matches_litert_int8_and_finds_the_smallest_arena(exported):
     assert np.abs(run.outputs.reshape(-1).astype(int) - reference.raw(x).astype(int)).max() <= 2
 
 
-def test_multilevel_head_quantises_and_runs_in_tflm(tmp_path):
+def test_multilevel_head_quantises_as_its_fit_assumes_and_runs_in_tflm(tmp_path):
+    from ai_edge_litert.interpreter import Interpreter
+
+    from ichedge.export import calibration_sample
+    from ichedge.model import MULTILEVEL_TAPS, pool_name, tap_int8_steps
+
     ds = read_manifest(write_manifest(tmp_path / "data", patients=12))
-    run, _ = train(TrainConfig(size=32, alpha=0.35, head="multilevel"), ds,
+    run, _ = train(TrainConfig(size=64, alpha=0.35, head="multilevel"), ds,
                    train_val_test_split(ds, test=0.25, val=0.25), tmp_path / "runs", progress=False)
-    model = export_run(run, calibration_images=20).files["int8"]
-    x = split_inputs(read_run_config(run), "test").x
+    result = export_run(run, calibration_images=20)
+    assert "multilevel logistic head" in result.card["model"] and "Dense(8" not in result.card["model"]
+    model = result.files["int8"]
+    # the int8 steps fit_logistic floors at are the converted taps' scales (a max keeps its map's)
+    meta = read_run_config(run)
+    steps = tap_int8_steps(Predictor.load(run).model, calibration_sample(meta, 20, seed=0))
+    scales = {d["name"]: d["quantization"][0] for d in Interpreter(model_path=str(model)).get_tensor_details()}
+    for (layer, how), step in zip(MULTILEVEL_TAPS, steps):
+        scale = [v for k, v in scales.items() if f"/{pool_name(layer, how)}" in k and k.endswith(("Mean", "Max"))]
+        assert scale == [pytest.approx(step, rel=1e-3)], (layer, how)
+    assert steps[2] > steps[1], "block_16's max tap is resolved as coarsely as its whole map"
+    x = split_inputs(meta, "test").x
     int8 = Predictor.load(model)
     assert np.abs(int8.predict(x) - Predictor.load(run).predict(x)).max() < 0.1
     reference = Predictor.load(model, reference_kernels=True)
-    result = run_tflm(model, find_arena(model), int8.quantize(x[:4]))  # its max pooling included
+    result = run_tflm(model, find_arena(model), int8.quantize(x[:4]))  # block_16 is 2x2: a real max pooling
     assert np.abs(result.outputs.reshape(-1).astype(int) - reference.raw(x[:4]).astype(int)).max() <= 2
 
 

@@ -6,8 +6,8 @@ import pytest
 
 from ichedge.data import Split, read_manifest, train_val_test_split
 from ichedge.training import (
-    TrainConfig, check_split_usable, class_weights, finish_run_dir, fit_logistic, new_run_dir, remap_split, train,
-    unfreeze_top,
+    INT8_STEP_IMAGES, Taps, TrainConfig, check_split_usable, class_weights, finish_run_dir, fit_logistic, new_run_dir, remap_split,
+    train, unfreeze_top,
 )
 
 RUN_FILES = {"config.json", "model.keras", "history.csv", "metrics.json", "predictions.npz",
@@ -106,15 +106,16 @@ def test_transfer_learning_on_real_ct_subset(real_subset, tmp_path):
     assert m["default"]["n"] == len(meta["split"]["test"])
 
 
-def _int8_steps(features, taps):
-    """What a per-tensor int8 quantisation of each pooled tap leaves of the features."""
-    out, start = features.copy(), 0
-    for width in taps:
+def _int8_steps(features, widths):
+    """Each tap's int8 step, and what per-tensor int8 quantisation of each tap leaves of the features."""
+    out, steps, start = features.copy(), [], 0
+    for width in widths:
         part = features[:, start:start + width]
         low, step = part.min(), (part.max() - part.min()) / 255
         out[:, start:start + width] = np.round((part - low) / step) * step + low
+        steps.append(step)
         start += width
-    return out
+    return steps, out
 
 
 def test_logistic_head_does_not_lean_on_what_int8_cannot_resolve():
@@ -128,42 +129,63 @@ def test_logistic_head_does_not_lean_on_what_int8_cannot_resolve():
     tiny = rng.normal(0, 1e-3, (400, 1)) + 3e-3 * y[:, None]  # telling, but far below its tap's int8 step
     other = rng.normal(0, 1, (400, 3)) + 0.5 * y[:, None]
     f = np.c_[wide, tiny, other]
+    steps, quantised = _int8_steps(f, [4, 3])
     sigmoid = lambda z: 1 / (1 + np.exp(-z))  # noqa: E731
     plain = make_pipeline(StandardScaler(), LogisticRegression(C=0.01, max_iter=5000, class_weight="balanced")).fit(f, y)
-    assert np.abs(plain.predict_proba(f)[:, 1] - plain.predict_proba(_int8_steps(f, [4, 3]))[:, 1]).max() > 0.5
-    w, b = fit_logistic(f, y, [4, 3])
-    assert np.abs(sigmoid(f @ w + b) - sigmoid(_int8_steps(f, [4, 3]) @ w + b)).max() < 0.02
+    assert np.abs(plain.predict_proba(f)[:, 1] - plain.predict_proba(quantised)[:, 1]).max() > 0.5
+    w, b = fit_logistic(f, y, Taps([4, 3], steps))
+    assert np.abs(sigmoid(f @ w + b) - sigmoid(quantised @ w + b)).max() < 0.02
     # where every channel varies more than its step, it is the plain standardised regression
-    w, b = fit_logistic(other, y, [3])
+    w, b = fit_logistic(other, y, Taps([3], _int8_steps(other, [3])[0]))
     reference = make_pipeline(StandardScaler(), LogisticRegression(C=0.01, max_iter=5000, class_weight="balanced"))
     assert np.allclose(sigmoid(other @ w + b), reference.fit(other, y).predict_proba(other)[:, 1], atol=1e-6)
-    with pytest.raises(ValueError, match="taps add up to 3 features, not 7"):
-        fit_logistic(f, y, [3])
+    with pytest.raises(ValueError, match="do not fit 7 features"):
+        fit_logistic(f, y, Taps([3], [0.1]))
 
 
-def test_multilevel_run_serves_the_fitted_regression_and_explains_it(tmp_path):
+def test_multilevel_run_with_context_serves_the_fitted_regression_and_explains_it(tmp_path):
     from ichedge.explain import GradCAM
-    from ichedge.model import feature_extractor
+    from ichedge.model import feature_extractor, tap_int8_steps
     from ichedge.predict import Predictor, read_run_config, split_inputs
     from tests.conftest import write_manifest
 
     ds = read_manifest(write_manifest(tmp_path / "data", patients=12))
     split = train_val_test_split(ds, test=0.25, val=0.25, seed=0)
-    run, result = train(TrainConfig(size=32, alpha=0.35, head="multilevel"), ds, split, tmp_path / "runs", progress=False)
-    assert run.name.endswith("-multilevel") and RUN_FILES <= _files(run)
+    config = TrainConfig(size=64, alpha=0.35, head="multilevel", context=True)
+    run, result = train(config, ds, split, tmp_path / "runs", progress=False)
+    assert run.name.endswith("-multilevel-context") and RUN_FILES <= _files(run)
     assert [r["phase"] for r in csv.DictReader((run / "history.csv").open())] == ["frozen"], "fitted in one go"
+    assert np.isfinite(result.metrics["context_default"]["auc"]) and "test_context" in result.probabilities
     model = Predictor.load(run).model
     test = split_inputs(read_run_config(run), "test")
     p = model.predict(test.x.astype("float32"), verbose=0).reshape(-1)
     assert np.allclose(p, result.probabilities["test"], atol=1e-5), "the saved model is the evaluated one"
-    # its head is the regression fit_logistic finds on the training images' pooled taps
+    # its head is the regression fit_logistic finds on the training images' pooled taps (all of
+    # them set the int8 steps: fewer than INT8_STEP_IMAGES)
     y = np.array([r.label for r in ds.records])
-    w, b = fit_logistic(result.features[split.train], y[split.train], [192, 112, 112])
+    assert len(split.train) <= INT8_STEP_IMAGES
+    taps = Taps([192, 112, 112], tap_int8_steps(model, split_inputs(read_run_config(run), "train").x))
+    w, b = fit_logistic(result.features[split.train], y[split.train], taps)
     f = feature_extractor(model).predict(test.x.astype("float32"), verbose=0)
     assert np.allclose(p, 1 / (1 + np.exp(-(f @ w + b))), atol=1e-4)
     heat, prob = GradCAM(model)(test.x)
-    assert heat.shape == (len(test.x), 32, 32) and (heat >= 0).all() and heat.max() > 0
+    assert heat.shape == (len(test.x), 64, 64) and (heat >= 0).all()
+    assert np.ptp(heat.reshape(len(heat), -1), axis=1).max() > 0, "a map with places, not one value"
     assert np.allclose(prob, p, atol=1e-4)
+
+
+def test_multilevel_head_starts_fine_tuning_and_trains_from_scratch(tmp_path):
+    from tests.conftest import write_manifest
+
+    ds = read_manifest(write_manifest(tmp_path / "data", patients=8))
+    split = train_val_test_split(ds, test=0.25, val=0.25, seed=0)
+    _, tuned = train(TrainConfig(size=64, alpha=0.35, head="multilevel", fine_tune_epochs=1, fine_tune_from="block_16"),
+                     ds, split, tmp_path / "runs", progress=False)
+    assert tuned.history["phase"] == ["frozen", "fine-tune"]
+    _, scratch = train(TrainConfig(size=32, alpha=0.1, head="multilevel", epochs=1), ds, split, tmp_path / "runs",
+                       progress=False)
+    assert scratch.weights.source == "random" and scratch.history["phase"] == ["from-scratch"]
+    assert scratch.model.get_layer("head").get_layer("tap0_weights").get_weights()[0].any()
 
 
 def test_config_rejects_impossible_settings():

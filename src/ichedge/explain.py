@@ -1,8 +1,9 @@
 """Grad-CAM: where in a slice the Keras model looked when it scored hemorrhage.
 
-The heatmap is computed on the backbone's deepest feature map (5x5 at 160x160 input) with the
-gradient of the output *logit*, not of the sigmoid, which saturates on confident slices. It is
-upsampled to the input size and shown over the slice the model saw (cropped and resized).
+The heatmap is computed on a backbone feature map (for the paper's head the last, 5x5 at 160x160
+input) with the gradient of the output *logit*, not of the sigmoid, which saturates on confident
+slices. It is upsampled to the input size and shown over the slice the model saw (cropped and
+resized).
 """
 
 from __future__ import annotations
@@ -16,15 +17,14 @@ from scipy import ndimage
 import keras
 import tensorflow as tf
 
-from ichedge.model import MULTILEVEL_TAPS, head_kind, pool_name
+from ichedge.model import MULTILEVEL_CAM_LAYER, MULTILEVEL_TAPS, head_kind, multilevel_layers, pool_name
 
 
 class GradCAM:
     """Grad-CAM for an ichedge classifier (pixels -> rescale -> backbone -> pooling -> head).
 
-    The map is the backbone's deepest output: the last feature map for the paper head,
-    ``block_16_project_BN`` for the multilevel head (the gradient reaches it through its average
-    and max taps; what block_13's tap adds is not drawn).
+    The map is the backbone's last feature map for the paper head, and
+    :data:`~ichedge.model.MULTILEVEL_CAM_LAYER` for the multilevel head.
     """
 
     def __init__(self, model: keras.Model) -> None:
@@ -33,13 +33,14 @@ class GradCAM:
             self.backbone = model.get_layer("backbone")
             head = model.get_layer("head")
             if head_kind(model) == "paper":
-                self.pools = [(model.get_layer("pool"), 0)]
+                self.pools, self.cam_map = [(model.get_layer("pool"), 0)], 0
                 dense, out = head.get_layer("dense"), head.get_layer("hemorrhage")
                 self._logit = lambda pooled: tf.matmul(dense(pooled[0]), out.kernel) + out.bias
             else:
-                layers = list(dict.fromkeys(layer for layer, _ in MULTILEVEL_TAPS))
+                layers = multilevel_layers()
                 self.pools = [(model.get_layer(pool_name(layer, how)), layers.index(layer))
                               for layer, how in MULTILEVEL_TAPS]
+                self.cam_map = layers.index(MULTILEVEL_CAM_LAYER)
                 self._logit = keras.Model(head.inputs, head.get_layer("logit").output)
         except ValueError as exc:
             raise ValueError(f"not an ichedge classifier, cannot explain it: {exc}") from None
@@ -51,7 +52,7 @@ class GradCAM:
             maps = self.backbone(self.rescale(inputs), training=False)
             maps = list(maps) if isinstance(maps, (list, tuple)) else [maps]
             logit = self._logit([pool(maps[i]) for pool, i in self.pools])
-        fmap = maps[-1]
+        fmap = maps[self.cam_map]
         grads = tape.gradient(logit, fmap)
         weights = tf.reduce_mean(grads, axis=(1, 2), keepdims=True)
         cam = tf.nn.relu(tf.reduce_sum(fmap * weights, axis=-1, keepdims=True))

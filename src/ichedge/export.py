@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ichedge.data import DataError
-from ichedge.model import sha256
+from ichedge.model import describe_head, sha256
 from ichedge.context import SliceContext
 from ichedge.predict import (
     LiteRTPredictor, preprocessing_of, read_run_config, run_thresholds, split_inputs, split_part,
@@ -168,7 +168,7 @@ def model_card(run_dir: Path, meta: dict, metrics: dict, int8_bytes: bytes, file
     thresholds = {"default": 0.5, **run_thresholds(run_dir)}
     return {
         "model": f"MobileNetV2 alpha {config['alpha']:g}, {config['size']}x{config['size']}, "
-                 f"head Dense({config['neurons']}, ReLU) -> Dropout({config['dropout']}) -> sigmoid"
+                 + describe_head(config.get("head", "paper"), config["neurons"], config["dropout"], config.get("trim", False))
                  + ("; then slice context over the study (thresholds.context)" if "context" in thresholds else ""),
         "task": "hemorrhage (any type) vs no hemorrhage on one axial head CT slice",
         "class_names": meta["class_names"],

@@ -28,6 +28,7 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
+import numpy as np  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +120,9 @@ HEADS = ("paper", "multilevel")
 # Likely why they help: block_13 sees 14x14 cells at 224x224, fine enough for small bleeds, and
 # max pooling keeps a small bright focus that averaging dilutes.
 MULTILEVEL_TAPS = (("block_13_expand_relu", "avg"), ("block_16_project_BN", "avg"), ("block_16_project_BN", "max"))
+# Grad-CAM's map for the multilevel head: post-ReLU (as Grad-CAM assumes), 14x14 at 224x224, and
+# upstream of block_16, so the gradient carries the evidence of every tap.
+MULTILEVEL_CAM_LAYER = "block_13_expand_relu"
 
 
 def build_backbone(alpha: float, size: int, weights: Weights, trim: bool = False,
@@ -161,8 +165,10 @@ def build_model(
     """
     if head not in HEADS:
         raise ValueError(f"head must be one of {', '.join(HEADS)}, not {head!r}")
+    if trim and head == "multilevel":
+        raise ValueError("trim applies to the paper head only (the multilevel head stops before that convolution anyway)")
     keras.utils.set_random_seed(seed)
-    layers = tuple(dict.fromkeys(layer for layer, _ in MULTILEVEL_TAPS)) if head == "multilevel" else ()
+    layers = multilevel_layers() if head == "multilevel" else ()
     backbone = build_backbone(alpha, size, weights, trim, layers)
     inputs = keras.Input((size, size, 3), name="pixels")
     x = keras.layers.Rescaling(1 / 127.5, offset=-1.0, name="rescale")(inputs)
@@ -181,7 +187,20 @@ def build_model(
 
 
 def pool_name(layer: str, how: str) -> str:
+    """Name of the pooling layer of one multilevel tap."""
     return f"pool_{how}_{layer}"
+
+
+def multilevel_layers() -> tuple[str, ...]:
+    """The backbone layers the multilevel taps read, in the order the backbone returns them."""
+    return tuple(dict.fromkeys(layer for layer, _ in MULTILEVEL_TAPS))
+
+
+def describe_head(head: str, neurons: int, dropout: float, trim: bool = False) -> str:
+    if head == "multilevel":
+        return ("multilevel logistic head: GAP(block_13_expand_relu), GAP and GMP(block_16_project_BN), "
+                "one Dense(1) each, summed -> sigmoid")
+    return f"{'trimmed backbone, ' if trim else ''}head Dense({neurons}, ReLU) -> Dropout({dropout}) -> sigmoid"
 
 
 def build_head(features: int, neurons: int = 8, dropout: float = 0.1) -> keras.Model:
@@ -194,7 +213,8 @@ def build_head(features: int, neurons: int = 8, dropout: float = 0.1) -> keras.M
 
 def build_multilevel_head(taps: list[int]) -> keras.Model:
     """One Dense(1) per pooled tap, summed to the logit: a linear model that int8 quantises well,
-    because each tap keeps its own quantisation scale instead of sharing one in a concatenation."""
+    because each tap keeps its own quantisation scale instead of sharing one in a concatenation.
+    The bias sits on the first tap's Dense (``tap0_weights``)."""
     inputs = [keras.Input((n,), name=f"tap{i}") for i, n in enumerate(taps)]
     terms = [keras.layers.Dense(1, use_bias=i == 0, name=f"tap{i}_weights")(t) for i, t in enumerate(inputs)]
     logit = keras.layers.Add(name="logit")(terms)
@@ -203,8 +223,26 @@ def build_multilevel_head(taps: list[int]) -> keras.Model:
 
 
 def head_kind(model: keras.Model) -> str:
-    """Which of :data:`HEADS` an ichedge model carries."""
-    return "paper" if any(layer.name == "pool" for layer in model.layers) else "multilevel"
+    """Which of :data:`HEADS` an ichedge model carries (ValueError if neither)."""
+    names = {layer.name for layer in model.layers}
+    if "pool" in names:
+        return "paper"
+    if all(pool_name(layer, how) in names for layer, how in MULTILEVEL_TAPS):
+        return "multilevel"
+    raise ValueError(f"{model.name}: neither the paper head nor this version's multilevel taps")
+
+
+def tap_int8_steps(model: keras.Model, x: np.ndarray) -> list[float]:
+    """Each multilevel tap's int8 resolution, its tensor's range / 255 over images ``x``.
+
+    Full-integer conversion gives every tensor one scale from its calibration range. A mean gets
+    its own, but a max keeps its input's (TFLite's REDUCE_MAX does not rescale), so a max tap is
+    resolved in steps of its whole feature map's range.
+    """
+    tensors = [model.get_layer(pool_name(layer, how)).input if how == "max" else
+               model.get_layer(pool_name(layer, how)).output for layer, how in MULTILEVEL_TAPS]
+    values = keras.Model(model.input, tensors).predict(x.astype("float32"), batch_size=32, verbose=0)
+    return [float(v.max() - v.min()) / 255 for v in values]
 
 
 def feature_extractor(model: keras.Model) -> keras.Model:

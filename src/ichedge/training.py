@@ -35,7 +35,9 @@ from ichedge.evaluation import (
     calibration, evaluate_split, evaluate_studies, intervals, plot_confusion, plot_history, plot_pr, plot_reliability,
     plot_roc,
 )
-from ichedge.model import HEADS, Weights, build_head, build_model, feature_extractor, resolve_weights
+from ichedge.model import (
+    HEADS, Weights, build_head, build_model, feature_extractor, resolve_weights, tap_int8_steps,
+)
 from ichedge.preprocess import Loaded, Preprocessing, load_inputs, patient_groups, slice_order
 from ichedge.report import write_run_report
 from ichedge.triage import DEFAULT_AGGREGATE, study_score
@@ -217,6 +219,7 @@ def fit(
 
     backbone = model.get_layer("backbone")
     head = model.get_layer("head")
+    taps: Taps | None = None
     if weights.pretrained and config.fine_tune_epochs:
         _first_layer(backbone, config.fine_tune_from)  # a typo fails now, not after the frozen phase
     if weights.pretrained:
@@ -226,7 +229,9 @@ def fit(
         seconds["features"] = time.perf_counter() - start
         start = time.perf_counter()
         if config.head == "multilevel":
-            _append(history, _fit_logistic_head(head, config, features, y, tr, va), "frozen")
+            sample = np.random.default_rng(config.seed).permutation(tr)[:INT8_STEP_IMAGES]
+            taps = Taps([int(t.shape[-1]) for t in head.inputs], tap_int8_steps(model, x[np.sort(sample)]))
+            _append(history, _fit_logistic_head(head, config, features, y, tr, va, taps, cw), "frozen")
         else:
             _append(history, _fit_head(head, config, features, y, tr, va, cw, progress), "frozen")
         seconds["frozen"] = time.perf_counter() - start
@@ -255,7 +260,7 @@ def fit(
     if config.context:
         if weights.pretrained:
             start = time.perf_counter()
-            context = _fit_context(config, features, y, split, groups, order, [int(t.shape[-1]) for t in head.inputs])
+            context = _fit_context(config, features, y, split, groups, order, taps)
             for part, idx in (("val", va), ("test", te)):
                 probs[f"{part}_context"] = context.apply(probs[part], groups[idx], order[idx])
             metrics.update(_context_metrics(config, labels, probs, groups[va], groups[te]))
@@ -283,27 +288,36 @@ def _fit_head(head: keras.Model, config: TrainConfig, features: np.ndarray, y: n
 LOGISTIC_C = 0.01
 
 
-def fit_logistic(features: np.ndarray, y: np.ndarray, taps: list[int], balanced: bool = True,
+# Training images that set the multilevel taps' int8 steps: as many as `ichedge export` calibrates on.
+INT8_STEP_IMAGES = 200
+
+
+@dataclass(frozen=True)
+class Taps:
+    """The multilevel head's pooled taps: each one's width in the cached features, and its int8 step
+    (:func:`ichedge.model.tap_int8_steps`)."""
+
+    widths: list[int]
+    steps: list[float]
+
+
+def fit_logistic(features: np.ndarray, y: np.ndarray, taps: Taps, balanced: bool = True,
                  c: float = LOGISTIC_C) -> tuple[np.ndarray, float]:
     """A standardised L2 logistic regression, returned as weights and bias on the raw features.
 
-    Standardising weighs every channel alike, but int8 resolves a pooled tap only in steps of
-    its range / 255 (one scale per tensor): a channel that varies less than that step would get
-    a weight int8 cannot honour (one fold at 224x224: int8 AUC 0.83 against 0.88 in float; 0.87
-    in both with the floor). So no channel is scaled by less than its tap's step over the
-    training features (``taps`` gives each tap's width in ``features``).
+    Standardising weighs every channel alike, but int8 resolves a tap only in steps of its
+    tensor's range / 255: a channel that varies less than that would get a weight int8 cannot
+    honour (one fold at 224x224: int8 AUC 0.83 against 0.88 in float; 0.87 in both with the
+    floor). So no channel is scaled by less than its tap's step.
     """
     from sklearn.linear_model import LogisticRegression
 
-    if sum(taps) != features.shape[1]:
-        raise ValueError(f"taps add up to {sum(taps)} features, not {features.shape[1]}")
-    mean, scale = features.mean(0), features.std(0)
-    start = 0
-    for width in taps:
-        part = features[:, start:start + width]
-        step = float(part.max() - part.min()) / 255
-        scale[start:start + width] = np.maximum(scale[start:start + width], max(step, 1e-6))
-        start += width
+    if sum(taps.widths) != features.shape[1] or len(taps.widths) != len(taps.steps):
+        raise ValueError(f"taps of widths {taps.widths} and {len(taps.steps)} steps do not fit "
+                         f"{features.shape[1]} features")
+    mean = features.mean(0)
+    floor = np.repeat(np.maximum(taps.steps, 1e-6), taps.widths)
+    scale = np.maximum(features.std(0), floor)
     lr = LogisticRegression(C=c, max_iter=5000, class_weight="balanced" if balanced else None)
     lr.fit((features - mean) / scale, y)
     w = lr.coef_[0] / scale
@@ -315,19 +329,20 @@ def _logistic_scores(w: np.ndarray, b: float, features: np.ndarray) -> np.ndarra
 
 
 def _fit_logistic_head(head: keras.Model, config: TrainConfig, features: np.ndarray, y: np.ndarray,
-                       tr: np.ndarray, va: np.ndarray) -> dict[str, list]:
-    """Fit the multilevel head on cached features and write it into ``head``; its one-step history."""
+                       tr: np.ndarray, va: np.ndarray, taps: Taps, cw: dict[int, float] | None) -> dict[str, list]:
+    """Fit the multilevel head on cached features and write it into ``head``; its one-step history,
+    with losses weighted as Keras weighs them (class weights on training only)."""
     from sklearn.metrics import log_loss, roc_auc_score
 
-    taps = [int(t.shape[-1]) for t in head.inputs]
     w, b = fit_logistic(features[tr], y[tr], taps, config.class_weight)
-    for i, part in enumerate(np.split(w, np.cumsum(taps)[:-1])):
-        layer = head.get_layer(f"tap{i}_weights")
-        layer.set_weights([part[:, None].astype("float32")] + ([np.array([b], "float32")] if i == 0 else []))
-    history = {}
-    for prefix, idx in (("", tr), ("val_", va)):
+    for i, part in enumerate(np.split(w, np.cumsum(taps.widths)[:-1])):
+        bias = [np.array([b], "float32")] if i == 0 else []  # build_multilevel_head: the bias is tap0's
+        head.get_layer(f"tap{i}_weights").set_weights([part[:, None].astype("float32")] + bias)
+    history: dict[str, list] = {}
+    for prefix, idx, weights in (("", tr, cw), ("val_", va, None)):
         p = _logistic_scores(w, b, features[idx])
-        history[f"{prefix}loss"] = [log_loss(y[idx], p, labels=[0, 1])]
+        sample_weight = None if weights is None else np.array([weights[int(c)] for c in y[idx]])
+        history[f"{prefix}loss"] = [log_loss(y[idx], p, sample_weight=sample_weight, labels=[0, 1])]
         history[f"{prefix}auc"] = [roc_auc_score(y[idx], p)]
     return history
 
@@ -343,7 +358,7 @@ def check_context_usable(config: TrainConfig, dataset: Dataset) -> None:
 
 
 def _fit_context(config: TrainConfig, features: np.ndarray, y: np.ndarray, split: Split, groups: np.ndarray,
-                 order: np.ndarray, taps: list[int]) -> SliceContext:
+                 order: np.ndarray, taps: Taps | None) -> SliceContext:
     """The context model, fitted on out-of-fold head scores of the training patients.
 
     The head is retrained on inner patient folds of the training split (cached features, so
@@ -358,7 +373,7 @@ def _fit_context(config: TrainConfig, features: np.ndarray, y: np.ndarray, split
     oof = np.zeros(len(tr))
     folds = StratifiedGroupKFold(n_folds, shuffle=True, random_state=config.seed).split(tr, y[tr], groups[tr])
     for k, (inner, held) in enumerate(folds):
-        if config.head == "multilevel":
+        if taps is not None:  # the multilevel head
             w, b = fit_logistic(features[tr[inner]], y[tr[inner]], taps, config.class_weight)
             oof[held] = _logistic_scores(w, b, features[tr[held]])
             continue
