@@ -163,10 +163,7 @@ def build_model(
     ``trim`` drops the backbone's last 1x1 convolution (see :data:`TRIM_AT`); ``head`` is one
     of :data:`HEADS` (``neurons`` and ``dropout`` shape the paper's).
     """
-    if head not in HEADS:
-        raise ValueError(f"head must be one of {', '.join(HEADS)}, not {head!r}")
-    if trim and head == "multilevel":
-        raise ValueError("trim applies to the paper head only (the multilevel head stops before that convolution anyway)")
+    check_head(head, trim)
     keras.utils.set_random_seed(seed)
     layers = multilevel_layers() if head == "multilevel" else ()
     backbone = build_backbone(alpha, size, weights, trim, layers)
@@ -184,6 +181,14 @@ def build_model(
         x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
         outputs = build_head(int(x.shape[-1]), neurons, dropout)(x)
     return keras.Model(inputs, outputs, name=f"mobilenetv2_{size}_{alpha:g}")
+
+
+def check_head(head: str, trim: bool = False) -> None:
+    """ValueError unless ``head`` is one of :data:`HEADS` and goes with ``trim``."""
+    if head not in HEADS:
+        raise ValueError(f"head must be one of {', '.join(HEADS)}, not {head!r}")
+    if trim and head == "multilevel":
+        raise ValueError("trim applies to the paper head only (the multilevel head stops before that convolution anyway)")
 
 
 def pool_name(layer: str, how: str) -> str:

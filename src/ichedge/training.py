@@ -36,7 +36,7 @@ from ichedge.evaluation import (
     plot_roc,
 )
 from ichedge.model import (
-    HEADS, Weights, build_head, build_model, feature_extractor, resolve_weights, tap_int8_steps,
+    Weights, build_head, build_model, check_head, feature_extractor, resolve_weights, tap_int8_steps,
 )
 from ichedge.preprocess import Loaded, Preprocessing, load_inputs, patient_groups, slice_order
 from ichedge.report import write_run_report
@@ -84,9 +84,6 @@ class TrainConfig:
             "dropout must be in [0, 1)": 0 <= self.dropout < 1,
             "alpha must be positive": self.alpha > 0,
             "target_sensitivity must be in (0, 1]": 0 < self.target_sensitivity <= 1,
-            f"head must be one of {', '.join(HEADS)}": self.head in HEADS,
-            "trim applies to the paper head only (the multilevel head stops before that convolution anyway)":
-                not (self.trim and self.head == "multilevel"),
             # Out-of-fold slice scores for the context model retrain the head on cached features;
             # with fine-tuning each would be a whole training.
             "context needs the frozen-backbone training only (fine_tune_epochs 0)":
@@ -96,6 +93,7 @@ class TrainConfig:
         if failed:
             raise ValueError("; ".join(failed))
         study_score([0.0], self.study_aggregate)  # validates the aggregate's name
+        check_head(self.head, self.trim)
         self.preprocessing  # validates size and channel mode
 
     @property
