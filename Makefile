@@ -7,7 +7,7 @@ RUNS ?= runs
 CT_ICH ?= ../shared/data/ct-ich/labels.csv
 SEED ?= 0
 
-.PHONY: setup browser demo test sweep cv context best bench ablation load clean-venv
+.PHONY: setup browser demo test sweep cv context best robustness bench ablation load clean-venv
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
@@ -54,6 +54,11 @@ context: setup
 best: setup
 	$(BIN)/ichedge sweep --cv --data $(CT_ICH) --grid 224x0.35 --head multilevel --context --seed $(SEED) \
 	  --runs $(RUNS) --quiet
+
+# How firm `make best` is: taps chosen by nested CV, and thresholds from out-of-fold scores (fold seeds 0-4).
+robustness: setup
+	$(BIN)/python bench/nested_selection.py $(CT_ICH)
+	$(BIN)/python bench/threshold_protocol.py $(CT_ICH)
 
 bench: setup
 	$(BIN)/python bench/bench_sweep.py

@@ -61,17 +61,24 @@ class Head:
         return out
 
 
-def with_context(f, y, split, groups, order, head: Head) -> np.ndarray:
-    """Context scores of validation and test slices; the context model sees only out-of-fold scores."""
-    tr = split.train
+def inner_folds(idx: np.ndarray, y: np.ndarray, groups: np.ndarray, seed: int = 0):
+    """Patient-grouped inner folds of ``idx``, as index arrays into the whole data."""
+    for a, b in StratifiedGroupKFold(4, shuffle=True, random_state=seed).split(idx, y[idx], groups[idx]):
+        yield idx[a], idx[b]
+
+
+def scores(f, y, groups, order, head: Head, fit: np.ndarray, parts: list[np.ndarray], context: bool) -> np.ndarray:
+    """Scores of each part (whole patients) from a head fitted on ``fit``; with context, the
+    context model sees only out-of-fold scores of ``fit``."""
+    p = head.scores(f, y, fit, np.concatenate(parts))
+    if not context:
+        return p
     oof = np.zeros(len(y))
-    for inner, held in StratifiedGroupKFold(4, shuffle=True, random_state=0).split(tr, y[tr], groups[tr]):
-        oof[tr[held]] = head.scores(f, y, tr[inner], tr[held])[tr[held]]
-    ctx = SliceContext.fit(oof[tr], y[tr], groups[tr], order[tr])
-    rest = np.r_[split.val, split.test]
-    p = head.scores(f, y, tr, rest)
+    for inner, held in inner_folds(fit, y, groups):
+        oof[held] = head.scores(f, y, inner, held)[held]
+    ctx = SliceContext.fit(oof[fit], y[fit], groups[fit], order[fit])
     out = np.zeros(len(y))
-    for part in (split.val, split.test):  # whole patients: each part is a set of complete studies
+    for part in parts:
         out[part] = ctx.apply(p[part], groups[part], order[part])
     return out
 
@@ -80,7 +87,7 @@ def report(name: str, f, y, splits, groups, order, context: bool, head: Head | N
     head = head or Head()
     aucs, vals, sens, spec = [], [], [], []
     for s in splits:
-        p = with_context(f, y, s, groups, order, head) if context else head.scores(f, y, s.train, np.r_[s.val, s.test])
+        p = scores(f, y, groups, order, head, s.train, [s.val, s.test], context)
         t = threshold_for_sensitivity(y[s.val], p[s.val], 0.95)
         flagged = p[s.test] >= t
         aucs.append(roc_auc_score(y[s.test], p[s.test]))

@@ -1,0 +1,103 @@
+"""How optimistic is the multilevel head's choice of taps? A nested cross-validation (an
+experiment for issue 2, not a test).
+
+The taps of ``--head multilevel`` were chosen by mean validation AUC (with slice context) over
+the standard folds, whose validation patients are other folds' test patients. Here each outer
+fold chooses among the same candidates using its own development patients only (training plus
+validation, 4 inner patient folds, mean inner AUC with context), then is trained and scored
+exactly as ichedge's sweep does (fit on training, threshold on validation for sensitivity
+>= 0.95, context fitted on out-of-fold training scores). The gap between the nested figures
+and those of the fixed choice is the selection's optimism on these folds.
+
+Features: frozen ImageNet MobileNetV2 (alpha 0.35) at 224x224 from the full-resolution images
+cropped to the head; every candidate is GAP+GMP of ``block_16_project_BN`` plus GAP of the
+named layers; a standardised, balanced logistic regression (C = 0.01). Fold seeds 0..4, the
+folds of ``ichedge sweep --cv --seed S``.
+
+    python bench/nested_selection.py [../shared/data/ct-ich/labels.csv]
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import keras
+import numpy as np
+from sklearn.metrics import roc_auc_score
+
+from ablation_context import DATA, Head, inner_folds, scores
+from ichedge.data import kfold_splits, read_manifest
+from ichedge.evaluation import threshold_for_sensitivity
+from ichedge.model import build_model, resolve_weights
+from ichedge.preprocess import Preprocessing, load_inputs, slice_order
+from ichedge.training import remap_split
+
+SEEDS = range(5)
+TARGET = 0.95
+CHOSEN = ("block_13_expand_relu",)  # ichedge's multilevel taps beside block_16
+CANDIDATES: tuple[tuple[str, ...], ...] = (
+    (), CHOSEN, ("block_12_add",), ("block_12_add", "block_15_add"), ("block_15_add",),
+    ("block_14_expand",), ("block_16_expand",),
+)
+
+
+def pooled(x: np.ndarray) -> dict[str, np.ndarray]:
+    """GAP of every candidate layer, and GAP+GMP of block_16_project_BN."""
+    backbone = build_model(0.35, 224, resolve_weights(0.35, 224)).get_layer("backbone")
+    names = sorted({n for c in CANDIDATES for n in c})
+    sub = keras.Model(backbone.input, [backbone.get_layer(n).output for n in names + ["block_16_project_BN"]])
+    maps = sub.predict(x.astype("float32") / 127.5 - 1, batch_size=32, verbose=0)
+    out = {n: m.mean((1, 2)) for n, m in zip(names, maps)}
+    out["block_16"] = np.c_[maps[-1].mean((1, 2)), maps[-1].max((1, 2))]
+    return out
+
+
+def name(c: tuple[str, ...]) -> str:
+    return " + ".join(("block_16 avg+max",) + c)
+
+
+def main() -> None:
+    ds = read_manifest(DATA)
+    print(ds.summary())
+    loaded = load_inputs(ds, Preprocessing(224, "gray", True))
+    y, groups, order = loaded.y, ds.groups[loaded.indices], slice_order(ds, loaded)
+    taps = pooled(loaded.x)
+    feats = {c: np.concatenate([taps["block_16"]] + [taps[n] for n in c], axis=1) for c in CANDIDATES}
+    head = Head()
+    rows = {"fixed choice (ichedge's taps)": [], "nested choice": []}
+    picks: Counter[str] = Counter()
+    for seed in SEEDS:
+        for key in rows:
+            rows[key].append([])
+        for split in (remap_split(k, loaded.indices) for k in kfold_splits(ds, 5, seed=seed)):
+            dev = np.r_[split.train, split.val]
+            inner_auc = {}
+            for c, f in feats.items():
+                aucs = [roc_auc_score(y[held], scores(f, y, groups, order, head, fit, [held], True)[held])
+                        for fit, held in inner_folds(dev, y, groups)]
+                inner_auc[c] = float(np.mean(aucs))
+            best = max(CANDIDATES, key=inner_auc.get)
+            picks[name(best)] += 1
+            for key, c in (("fixed choice (ichedge's taps)", CHOSEN), ("nested choice", best)):
+                p = scores(feats[c], y, groups, order, head, split.train, [split.val, split.test], True)
+                t = threshold_for_sensitivity(y[split.val], p[split.val], TARGET)
+                flagged = p[split.test] >= t
+                yt = y[split.test]
+                rows[key][-1].append((roc_auc_score(yt, p[split.test]), flagged[yt == 1].mean(),
+                                      1 - flagged[yt == 0].mean()))
+        print(f"seed {seed}: " + "  ".join(
+            f"{k}: {np.mean(v[-1], axis=0)[0]:.3f}/{np.mean(v[-1], axis=0)[1]:.3f}/{np.mean(v[-1], axis=0)[2]:.3f}"
+            for k, v in rows.items()), flush=True)
+    print("test AUC / sensitivity / specificity with context, mean over 5 folds, then over seeds:")
+    for key, per_seed in rows.items():
+        m = np.array([np.mean(s, axis=0) for s in per_seed])
+        met = int(np.sum((m[:, 0] >= 0.90) & (m[:, 1] >= 0.90) & (m[:, 2] >= 0.70)))
+        print(f"  {key:<32} {m.mean(0)[0]:.3f} / {m.mean(0)[1]:.3f} / {m.mean(0)[2]:.3f}   "
+              f"target met on {met}/{len(SEEDS)} seeds")
+    print("taps chosen by the inner folds (outer folds x seeds):")
+    for tap, n in picks.most_common():
+        print(f"  {n:>2}  {tap}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""Where the high-sensitivity threshold comes from: the validation split, or out-of-fold scores
+of all development patients (an experiment for issue 2, not a test).
+
+ichedge fits on a fold's training patients and sets the threshold on its validation patients
+(15 to 18 of them, 7 or 8 with hemorrhage), so the threshold moves with a handful of slices.
+The alternative measured here fits on training and validation patients together and sets the
+threshold on out-of-fold scores of all of them (4 inner patient folds; with context, the
+context model of each inner fold is itself fitted on that fold's own out-of-fold scores, so no
+score that sets the threshold comes from a model that saw its patient).
+
+Features: the frozen multilevel taps at 224x224 (ichedge's ``--head multilevel``, full-resolution
+images cropped to the head), fitted as ichedge fits them (``fit_logistic`` with the taps' int8
+steps, here taken over all fitting images). The same 5 patient folds as
+``ichedge sweep --cv --seed S`` for S = 0..4. Prints, per protocol and fold seed, test AUC,
+sensitivity and specificity at the threshold (mean over the 5 folds), and how many seeds meet
+issue 2's target (AUC >= 0.90, sensitivity >= 0.90, specificity >= 0.70).
+
+    python bench/threshold_protocol.py [../shared/data/ct-ich/labels.csv]
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.metrics import roc_auc_score
+
+from ablation_context import DATA, Head, features, inner_folds, scores
+from ichedge.data import kfold_splits, read_manifest
+from ichedge.evaluation import threshold_for_sensitivity
+from ichedge.preprocess import Preprocessing, load_inputs, slice_order
+from ichedge.training import remap_split
+
+SEEDS = range(5)
+TARGET = 0.95
+MULTILEVEL = "multilevel (GAP block_13_expand, GAP+GMP block_16)"
+
+
+def fold(f, y, groups, order, head: Head, split, protocol: str, context: bool) -> tuple[float, float, float]:
+    """Test AUC, sensitivity and specificity of one fold under a threshold protocol."""
+    test = split.test
+    if protocol == "validation":
+        p = scores(f, y, groups, order, head, split.train, [split.val, test], context)
+        t = threshold_for_sensitivity(y[split.val], p[split.val], TARGET)
+    else:
+        dev = np.r_[split.train, split.val]
+        p = scores(f, y, groups, order, head, dev, [test], context)
+        held_scores = np.zeros(len(y))
+        for inner, held in inner_folds(dev, y, groups, seed=1):
+            held_scores[held] = scores(f, y, groups, order, head, inner, [held], context)[held]
+        t = threshold_for_sensitivity(y[dev], held_scores[dev], TARGET)
+    flagged = p[test] >= t
+    return (roc_auc_score(y[test], p[test]), flagged[y[test] == 1].mean(), 1 - flagged[y[test] == 0].mean())
+
+
+def main() -> None:
+    ds = read_manifest(DATA)
+    print(ds.summary())
+    loaded = load_inputs(ds, Preprocessing(224, "gray", True))
+    y, groups, order = loaded.y, ds.groups[loaded.indices], slice_order(ds, loaded)
+    variants, span = features(loaded.x, 224)
+    f, head = variants[MULTILEVEL], Head(map_range=span)
+    splits = {s: [remap_split(k, loaded.indices) for k in kfold_splits(ds, 5, seed=s)] for s in SEEDS}
+    print(f"multilevel taps, 224x224, int8-safe fit; threshold for sensitivity >= {TARGET}; "
+          "test AUC / sensitivity / specificity, mean over 5 patient folds")
+    for context in (False, True):
+        for protocol in ("validation", "out-of-fold (fit on train + validation)"):
+            per_seed = np.array([np.mean([fold(f, y, groups, order, head, k, protocol.split()[0], context)
+                                          for k in splits[s]], axis=0) for s in SEEDS])
+            met = int(np.sum((per_seed[:, 0] >= 0.90) & (per_seed[:, 1] >= 0.90) & (per_seed[:, 2] >= 0.70)))
+            cells = "  ".join(f"s{s} {a:.3f}/{se:.3f}/{sp:.3f}" for s, (a, se, sp) in zip(SEEDS, per_seed))
+            mean = per_seed.mean(0)
+            print(f"{'context' if context else 'slice':<8} {protocol:<40} {cells}  "
+                  f"mean {mean[0]:.3f}/{mean[1]:.3f}/{mean[2]:.3f}  target met on {met}/{len(SEEDS)} seeds",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()
