@@ -21,16 +21,14 @@ issue 2's target (AUC >= 0.90, sensitivity >= 0.90, specificity >= 0.70).
 from __future__ import annotations
 
 import numpy as np
-from sklearn.metrics import roc_auc_score
 
-from ablation_context import DATA, Head, features, inner_folds, scores
+from ablation_context import DATA, TARGET, Head, at_threshold, features, inner_folds, scores, seeds_meeting_target
 from ichedge.data import kfold_splits, read_manifest
 from ichedge.evaluation import threshold_for_sensitivity
 from ichedge.preprocess import Preprocessing, load_inputs, slice_order
 from ichedge.training import remap_split
 
 SEEDS = range(5)
-TARGET = 0.95
 MULTILEVEL = "multilevel (GAP block_13_expand, GAP+GMP block_16)"
 
 
@@ -47,8 +45,7 @@ def fold(f, y, groups, order, head: Head, split, protocol: str, context: bool) -
         for inner, held in inner_folds(dev, y, groups, seed=1):
             held_scores[held] = scores(f, y, groups, order, head, inner, [held], context)[held]
         t = threshold_for_sensitivity(y[dev], held_scores[dev], TARGET)
-    flagged = p[test] >= t
-    return (roc_auc_score(y[test], p[test]), flagged[y[test] == 1].mean(), 1 - flagged[y[test] == 0].mean())
+    return at_threshold(y[test], p[test], t)
 
 
 def main() -> None:
@@ -62,13 +59,13 @@ def main() -> None:
     print(f"multilevel taps, 224x224, int8-safe fit; threshold for sensitivity >= {TARGET}; "
           "test AUC / sensitivity / specificity, mean over 5 patient folds")
     for context in (False, True):
-        for protocol in ("validation", "out-of-fold (fit on train + validation)"):
-            per_seed = np.array([np.mean([fold(f, y, groups, order, head, k, protocol.split()[0], context)
+        for protocol, label in (("validation", "validation"), ("out-of-fold", "out-of-fold (fit on train + validation)")):
+            per_seed = np.array([np.mean([fold(f, y, groups, order, head, k, protocol, context)
                                           for k in splits[s]], axis=0) for s in SEEDS])
-            met = int(np.sum((per_seed[:, 0] >= 0.90) & (per_seed[:, 1] >= 0.90) & (per_seed[:, 2] >= 0.70)))
+            met = seeds_meeting_target(per_seed)
             cells = "  ".join(f"s{s} {a:.3f}/{se:.3f}/{sp:.3f}" for s, (a, se, sp) in zip(SEEDS, per_seed))
             mean = per_seed.mean(0)
-            print(f"{'context' if context else 'slice':<8} {protocol:<40} {cells}  "
+            print(f"{'context' if context else 'slice':<8} {label:<40} {cells}  "
                   f"mean {mean[0]:.3f}/{mean[1]:.3f}/{mean[2]:.3f}  target met on {met}/{len(SEEDS)} seeds",
                   flush=True)
 
