@@ -1,7 +1,8 @@
 """Do the Grad-CAM heatmaps point inside the skull? Measured on CT-ICH test folds' positive slices.
 
 Usage: python bench/gradcam_skull.py SWEEP_DIR CONFIG [OUT_PNG]
-(e.g. runs/.../sweep-5fold 160px-a0.35-gray). For each fold's model, the positive slices of its
+(e.g. runs/.../sweep-5fold 160px-a0.35-gray). The images are those the sweep read (the bundle,
+or the manifest given with --data). For each fold's model, the positive slices of its
 test patients: the share of heatmap mass inside the skull (from the bone window, same crop)
 against the share of the frame the inside of the skull covers (what a heatmap spread evenly
 would score). Slices whose skull is not a closed ring (skull base) are counted and left out.
@@ -18,7 +19,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from ichedge.data import bundled_path, load_bundled
+from ichedge.data import bundled_path, read_manifest
 from ichedge.explain import GradCAM, intracranial_mask, mass_inside, overlay
 from ichedge.preprocess import Preprocessing, load_record
 
@@ -26,12 +27,16 @@ TYPES = ("IVH", "IPH", "SAH", "EDH", "SDH")
 
 
 def main(sweep: Path, config: str, sheet: Path | None) -> None:
-    ds = load_bundled(("brain", "bone"))
-    by_key = {r.key: r for r in ds.records}
-    with (bundled_path() / "labels.csv").open() as fh:
+    runs = sorted(sweep.glob(f"{config}-fold*"))
+    if not runs:
+        raise SystemExit(f"{sweep}: no {config}-fold* run folders")
+    source = json.loads((runs[0] / "config.json").read_text())["dataset"]["source"]
+    manifest = bundled_path() / "labels.csv" if source == "bundled" else Path(source)
+    by_key = {r.key: r for r in read_manifest(manifest, ("brain", "bone")).records}
+    with manifest.open() as fh:
         types = {f"{row['patient']}/{row['slice']}": [t for t in TYPES if row[t] == "1"] for row in csv.DictReader(fh)}
     inside, area, open_rings, empty, samples = [], [], 0, 0, []
-    for run in sorted(sweep.glob(f"{config}-fold*")):
+    for run in runs:
         meta = json.loads((run / "config.json").read_text())
         pre = meta["preprocessing"]
         both = Preprocessing(pre["size"], "brain-bone", pre["crop"])  # same crop; plane 1 is the bone window
