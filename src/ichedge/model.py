@@ -202,9 +202,10 @@ def multilevel_layers() -> tuple[str, ...]:
 
 
 def describe_head(head: str, neurons: int, dropout: float, trim: bool = False) -> str:
+    """The head in words, for the model card; the multilevel taps are read from :data:`MULTILEVEL_TAPS`."""
     if head == "multilevel":
-        return ("multilevel logistic head: GAP(block_13_expand_relu), GAP and GMP(block_16_project_BN), "
-                "one Dense(1) each, summed -> sigmoid")
+        taps = ", ".join(f"{'GAP' if how == 'avg' else 'GMP'}({layer})" for layer, how in MULTILEVEL_TAPS)
+        return f"multilevel logistic head: {taps}, one Dense(1) each, summed -> sigmoid"
     return f"{'trimmed backbone, ' if trim else ''}head Dense({neurons}, ReLU) -> Dropout({dropout}) -> sigmoid"
 
 
