@@ -36,6 +36,7 @@ from ablation_context import DATA, TARGET, at_threshold
 from ichedge.data import kfold_splits, read_manifest
 from ichedge.evaluation import threshold_for_sensitivity
 from ichedge.preprocess import load_inputs, patient_groups
+from ichedge import training
 from ichedge.training import TrainConfig, class_weights, fit, predict_probabilities, remap_split, unfreeze_top
 
 
@@ -55,22 +56,23 @@ SCHEDULES = {
     "elastic": Schedule(10, 1e-4, elastic=True),
 }
 MIXUP_ALPHA = 0.2
+STRONGER = {
+    keras.layers.RandomTranslation: lambda seed: keras.layers.RandomTranslation(0.10, 0.10, fill_mode="constant", seed=seed),
+    keras.layers.RandomRotation: lambda seed: keras.layers.RandomRotation(0.08, fill_mode="constant", seed=seed),
+}
 
 
 def augmenter(schedule: Schedule, seed: int) -> keras.Sequential:
-    shift, turn, zoom = (0.10, 0.08, 0.10) if schedule.strong else (0.06, 0.04, 0.0)
-    layers = [
-        keras.layers.RandomFlip("horizontal", seed=seed),
-        keras.layers.RandomTranslation(shift, shift, fill_mode="constant", seed=seed),
-        keras.layers.RandomRotation(turn, fill_mode="constant", seed=seed),
-    ]
-    if zoom:
-        layers.append(keras.layers.RandomZoom(zoom, fill_mode="constant", seed=seed))
+    """ichedge's augmentation, its shift and rotation made stronger with a zoom beside them, or
+    elastic deformation added after them."""
+    layers = list(training.augmenter(seed).layers)
+    if schedule.strong:
+        layers = [STRONGER[type(layer)](seed) if type(layer) in STRONGER else layer for layer in layers]
+    after = 1 + max(i for i, layer in enumerate(layers) if type(layer) in STRONGER)
+    extra = [keras.layers.RandomZoom(0.10, fill_mode="constant", seed=seed)] if schedule.strong else []
     if schedule.elastic:  # up to half the images, displacement field smoothed over 5% of the side
-        layers.append(keras.layers.RandomElasticTransform(0.5, 1.0, fill_mode="constant", seed=seed))
-    layers += [keras.layers.RandomBrightness(0.1, value_range=(0, 255), seed=seed),
-               keras.layers.RandomContrast(0.15, value_range=(0, 255), seed=seed)]
-    return keras.Sequential(layers)
+        extra.append(keras.layers.RandomElasticTransform(0.5, 1.0, fill_mode="constant", seed=seed))
+    return keras.Sequential(layers[:after] + extra + layers[after:])
 
 
 def batches(x: np.ndarray, y: np.ndarray, schedule: Schedule, seed: int, batch: int = 32) -> tf.data.Dataset:
