@@ -49,11 +49,13 @@ class Schedule:
     elastic: bool = False
 
 
+# What `ichedge sweep --grid 224x0.35 --head multilevel` trains; its fine-tuning settings are the baseline's.
+BASE = TrainConfig(size=224, alpha=0.35, head="multilevel")
 SCHEDULES = {
-    "ichedge": Schedule(10, 1e-4),
+    "ichedge": Schedule(10, BASE.fine_tune_lr),
     "warmup": Schedule(20, 3e-4, warmup_epochs=2),
     "warmup+mixup": Schedule(20, 3e-4, warmup_epochs=2, strong=True),
-    "elastic": Schedule(10, 1e-4, elastic=True),
+    "elastic": Schedule(10, BASE.fine_tune_lr, elastic=True),
 }
 MIXUP_ALPHA = 0.2
 STRONGER = {
@@ -75,13 +77,13 @@ def augmenter(schedule: Schedule, seed: int) -> keras.Sequential:
     return keras.Sequential(layers[:after] + extra + layers[after:])
 
 
-def batches(x: np.ndarray, y: np.ndarray, schedule: Schedule, seed: int, batch: int = 32) -> tf.data.Dataset:
+def batches(x: np.ndarray, y: np.ndarray, schedule: Schedule, seed: int) -> tf.data.Dataset:
     cw = class_weights(y)
     w = np.where(y == 1, cw[1], cw[0]).astype("float32")
     y = y.astype("float32")
     aug = augmenter(schedule, seed)
     data = tf.data.Dataset.from_tensor_slices((x, y, w)).shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
-    data = data.batch(batch).map(lambda a, b, c: (tf.clip_by_value(aug(tf.cast(a, tf.float32), training=True), 0.0, 255.0), b, c))
+    data = data.batch(BASE.batch_size).map(lambda a, b, c: (tf.clip_by_value(aug(tf.cast(a, tf.float32), training=True), 0.0, 255.0), b, c))
     if schedule.strong:
         def mix(a, b, c):
             g1 = tf.random.gamma(tf.shape(b), MIXUP_ALPHA, seed=seed)
@@ -95,14 +97,14 @@ def batches(x: np.ndarray, y: np.ndarray, schedule: Schedule, seed: int, batch: 
 
 
 def fine_tune(model: keras.Model, x: np.ndarray, y: np.ndarray, schedule: Schedule, seed: int) -> None:
-    steps_per_epoch = int(np.ceil(len(x) / 32))
+    steps_per_epoch = int(np.ceil(len(x) / BASE.batch_size))
     warm = schedule.warmup_epochs * steps_per_epoch
     if warm:
         lr = keras.optimizers.schedules.CosineDecay(0.0, schedule.epochs * steps_per_epoch - warm,
                                                     warmup_target=schedule.peak_lr, warmup_steps=warm)
     else:
         lr = keras.optimizers.schedules.CosineDecay(schedule.peak_lr, schedule.epochs * steps_per_epoch)
-    unfreeze_top(model.get_layer("backbone"), "block_13_expand")
+    unfreeze_top(model.get_layer("backbone"), BASE.fine_tune_from)
     model.compile(optimizer=keras.optimizers.Adam(lr), loss="binary_crossentropy")
     model.fit(batches(x, y, schedule, seed), epochs=schedule.epochs, verbose=0, shuffle=False)
 
@@ -111,14 +113,13 @@ def main() -> None:
     names = sys.argv[2:] or list(SCHEDULES)
     ds = read_manifest(DATA)
     print(ds.summary())
-    config = TrainConfig(size=224, alpha=0.35, head="multilevel")
-    inputs = load_inputs(ds, config.preprocessing)
+    inputs = load_inputs(ds, BASE.preprocessing)
     groups = patient_groups(ds, inputs)
     rows: dict[str, list] = {n: [] for n in names}
     features = None
     for k, split in enumerate(kfold_splits(ds, 5, seed=0)):
         split = remap_split(split, inputs.indices)
-        start = fit(config, inputs, split, features=features, groups=groups)
+        start = fit(BASE, inputs, split, features=features, groups=groups)
         features = start.features
         fitted = {v.path: v.numpy() for v in start.model.weights}
         for name in names:
