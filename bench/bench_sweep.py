@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,12 +24,13 @@ from ichedge.sweep import PAPER_GRID, run_sweep
 from ichedge.training import TrainConfig
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=Path, default=None, help="where the sweep folder goes (default: a temp dir)")
-    parser.add_argument("--fine-tune-epochs", type=int, default=TrainConfig.fine_tune_epochs)
+    parser.add_argument("--fine-tune-epochs", type=int, default=TrainConfig.fine_tune_epochs,
+                        help="fine-tuning epochs of each configuration (default: %(default)s, as ichedge)")
     parser.add_argument("--json", type=Path, help="also write the timings here")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     runs = args.runs or Path(tempfile.mkdtemp(prefix="ichedge-bench-"))
     base = TrainConfig(fine_tune_epochs=args.fine_tune_epochs)
@@ -52,7 +54,8 @@ def main() -> None:
     print(f"total, five configurations, one split: {total:.0f} s ({total / 60:.1f} min)")
     if args.json:
         args.json.write_text(json.dumps({"total_s": total, "configs": rows}, indent=2))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

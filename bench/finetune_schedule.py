@@ -32,12 +32,10 @@ from sklearn.metrics import roc_auc_score
 
 import keras
 
-from ablation_context import DATA, TARGET, at_threshold
-from ichedge.data import kfold_splits, read_manifest
-from ichedge.evaluation import threshold_for_sensitivity
-from ichedge.preprocess import load_inputs, patient_groups
+from common import at_validation_threshold, mean_sd, parser, patient_folds, read_data
 from ichedge import training
-from ichedge.training import TrainConfig, class_weights, fit, predict_probabilities, remap_split, unfreeze_top
+from ichedge.preprocess import load_inputs, patient_groups
+from ichedge.training import TrainConfig, class_weights, fit, predict_probabilities, unfreeze_top
 
 
 @dataclass(frozen=True)
@@ -109,16 +107,21 @@ def fine_tune(model: keras.Model, x: np.ndarray, y: np.ndarray, schedule: Schedu
     model.fit(batches(x, y, schedule, seed), epochs=schedule.epochs, verbose=0, shuffle=False)
 
 
-def main() -> None:
-    names = sys.argv[2:] or list(SCHEDULES)
-    ds = read_manifest(DATA)
-    print(ds.summary())
+def main(argv: list[str] | None = None) -> int:
+    ap = parser(__doc__, data=True)
+    ap.add_argument("schedules", nargs="*", metavar="schedule",
+                    help=f"schedules to run, in this order (default: all of {', '.join(SCHEDULES)})")
+    args = ap.parse_args(argv)
+    unknown = [n for n in args.schedules if n not in SCHEDULES]
+    if unknown:
+        ap.error(f"unknown schedule(s) {', '.join(unknown)}; choose from {', '.join(SCHEDULES)}")
+    names = args.schedules or list(SCHEDULES)
+    ds = read_data(args.data)
     inputs = load_inputs(ds, BASE.preprocessing)
     groups = patient_groups(ds, inputs)
     rows: dict[str, list] = {n: [] for n in names}
     features = None
-    for k, split in enumerate(kfold_splits(ds, 5, seed=0)):
-        split = remap_split(split, inputs.indices)
+    for k, split in enumerate(patient_folds(ds, inputs.indices, seed=0)):
         start = fit(BASE, inputs, split, features=features, groups=groups)
         features = start.features
         fitted = {v.path: v.numpy() for v in start.model.weights}
@@ -131,7 +134,7 @@ def main() -> None:
             seconds = time.perf_counter() - began
             pv, pt = (predict_probabilities(start.model, inputs.x[i]) for i in (split.val, split.test))
             yv, yt = inputs.y[split.val], inputs.y[split.test]
-            auc, sens, spec = at_threshold(yt, pt, threshold_for_sensitivity(yv, pv, TARGET))
+            auc, sens, spec = at_validation_threshold(yv, pv, yt, pt)
             rows[name].append((auc, roc_auc_score(yv, pv), sens, spec, seconds))
             print(f"fold {k} {name:<14} test AUC {auc:.3f}  val AUC {rows[name][-1][1]:.3f}  "
                   f"sens {sens:.3f}  spec {spec:.3f}  {seconds:.0f} s "
@@ -139,9 +142,10 @@ def main() -> None:
     print(f"{'schedule':<14} test AUC (5 folds)  val AUC  hs sens / spec   s per fold")
     for name, r in rows.items():
         a = np.array(r)
-        print(f"{name:<14} {a[:, 0].mean():.3f} ± {a[:, 0].std(ddof=1):.3f}      {a[:, 1].mean():.3f}    "
+        print(f"{name:<14} {mean_sd(a[:, 0])}      {a[:, 1].mean():.3f}    "
               f"{a[:, 2].mean():.3f} / {a[:, 3].mean():.3f}   {a[:, 4].mean():.0f}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -11,6 +11,7 @@ OUT_PNG gets a sample of overlays titled with the hemorrhage types, to look at.
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import sys
@@ -26,7 +27,13 @@ from ichedge.preprocess import Preprocessing, load_record
 TYPES = ("IVH", "IPH", "SAH", "EDH", "SDH")
 
 
-def main(sweep: Path, config: str, sheet: Path | None) -> None:
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("sweep", type=Path, metavar="SWEEP_DIR", help="a cross-validated sweep folder")
+    ap.add_argument("config", metavar="CONFIG", help="the configuration's run-folder prefix, e.g. 160px-a0.35-gray")
+    ap.add_argument("sheet", type=Path, nargs="?", metavar="OUT_PNG", help="where to write a sheet of sample overlays")
+    args = ap.parse_args(argv)
+    sweep, config, sheet = args.sweep, args.config, args.sheet
     runs = sorted(sweep.glob(f"{config}-fold*"))
     if not runs:
         raise SystemExit(f"{sweep}: no {config}-fold* run folders")
@@ -78,7 +85,8 @@ def main(sweep: Path, config: str, sheet: Path | None) -> None:
         fig.suptitle("Grad-CAM on CT-ICH test slices with hemorrhage (data: CT-ICH, PhysioNet, CC BY 4.0)", fontsize=9)
         fig.savefig(sheet, dpi=100)
         print(f"sample sheet: {sheet}")
+    return 0
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3]) if len(sys.argv) > 3 else None)
+    sys.exit(main())

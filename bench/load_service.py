@@ -28,13 +28,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("run", type=Path)
-    ap.add_argument("--clients", type=int, default=8)
-    ap.add_argument("--requests", type=int, default=1000)
-    ap.add_argument("--no-heatmap", action="store_true")
-    args = ap.parse_args()
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("run", type=Path, metavar="RUN_DIR", help="a run folder with an int8 export (ichedge export)")
+    ap.add_argument("--clients", type=int, default=8, help="concurrent client threads (default: %(default)s)")
+    ap.add_argument("--requests", type=int, default=1000, help="requests in all (default: %(default)s)")
+    ap.add_argument("--no-heatmap", action="store_true", help="ask for probabilities only (?heatmap=false)")
+    args = ap.parse_args(argv)
 
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "ichedge.cli", "serve", "--model", str(args.run), "--port", str(port)],
@@ -93,7 +93,8 @@ def main() -> None:
     finally:
         server.terminate()
         server.wait(30)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -19,18 +19,16 @@ folds of ``ichedge sweep --cv --seed S``.
 
 from __future__ import annotations
 
+import sys
 from collections import Counter
 
-import keras
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
-from ablation_context import DATA, TARGET, Head, at_threshold, inner_folds, scores, seeds_meeting_target
-from ichedge.data import kfold_splits, read_manifest
-from ichedge.evaluation import threshold_for_sensitivity
-from ichedge.model import build_model, resolve_weights
-from ichedge.preprocess import Preprocessing, load_inputs, slice_order
-from ichedge.training import remap_split
+from common import (
+    Head, at_validation_threshold, backbone_maps, gap, gap_gmp, head_crop_inputs,
+    inner_folds, parser, patient_folds, read_data, scores, seeds_meeting_target, slashed,
+)
 
 SEEDS = range(5)
 CHOSEN = ("block_13_expand_relu",)  # ichedge's multilevel taps beside block_16
@@ -42,12 +40,10 @@ CANDIDATES: tuple[tuple[str, ...], ...] = (
 
 def pooled(x: np.ndarray) -> dict[str, np.ndarray]:
     """GAP of every candidate layer, and GAP+GMP of block_16_project_BN."""
-    backbone = build_model(0.35, 224, resolve_weights(0.35, 224)).get_layer("backbone")
     names = sorted({n for c in CANDIDATES for n in c})
-    sub = keras.Model(backbone.input, [backbone.get_layer(n).output for n in names + ["block_16_project_BN"]])
-    maps = sub.predict(x.astype("float32") / 127.5 - 1, batch_size=32, verbose=0)
-    out = {n: m.mean((1, 2)) for n, m in zip(names, maps)}
-    out["block_16"] = np.c_[maps[-1].mean((1, 2)), maps[-1].max((1, 2))]
+    maps = backbone_maps(x, 224, names + ["block_16_project_BN"])
+    out = {n: gap(m) for n, m in zip(names, maps)}
+    out["block_16"] = gap_gmp(maps[-1])
     return out
 
 
@@ -55,11 +51,10 @@ def name(c: tuple[str, ...]) -> str:
     return " + ".join(("block_16 avg+max",) + c)
 
 
-def main() -> None:
-    ds = read_manifest(DATA)
-    print(ds.summary())
-    loaded = load_inputs(ds, Preprocessing(224, "gray", True))
-    y, groups, order = loaded.y, ds.groups[loaded.indices], slice_order(ds, loaded)
+def main(argv: list[str] | None = None) -> int:
+    args = parser(__doc__, data=True).parse_args(argv)
+    ds = read_data(args.data)
+    loaded, y, groups, order = head_crop_inputs(ds, 224)
     taps = pooled(loaded.x)
     feats = {c: np.concatenate([taps["block_16"]] + [taps[n] for n in c], axis=1) for c in CANDIDATES}
     head = Head()
@@ -68,7 +63,7 @@ def main() -> None:
     for seed in SEEDS:
         for key in rows:
             rows[key].append([])
-        for split in (remap_split(k, loaded.indices) for k in kfold_splits(ds, 5, seed=seed)):
+        for split in patient_folds(ds, loaded.indices, seed=seed):
             dev = np.r_[split.train, split.val]
             inner_auc = {}
             for c, f in feats.items():
@@ -80,21 +75,21 @@ def main() -> None:
             outer = {}
             for c in {CHOSEN, best}:  # ichedge's sweep: fit on training, threshold on validation
                 p = scores(feats[c], y, groups, order, head, split.train, [split.val, split.test], True)
-                t = threshold_for_sensitivity(y[split.val], p[split.val], TARGET)
-                outer[c] = at_threshold(y[split.test], p[split.test], t)
+                outer[c] = at_validation_threshold(y[split.val], p[split.val], y[split.test], p[split.test])
             rows["fixed choice (ichedge's taps)"][-1].append(outer[CHOSEN])
             rows["nested choice"][-1].append(outer[best])
         print(f"seed {seed}: " + "  ".join(
-            f"{k}: " + "/".join(f"{x:.3f}" for x in np.mean(v[-1], axis=0)) for k, v in rows.items()), flush=True)
+            f"{k}: " + slashed(np.mean(v[-1], axis=0)) for k, v in rows.items()), flush=True)
     print("test AUC / sensitivity / specificity with context, mean over 5 folds, then over seeds:")
     for key, per_seed in rows.items():
         m = np.array([np.mean(s, axis=0) for s in per_seed])
-        print(f"  {key:<32} {m.mean(0)[0]:.3f} / {m.mean(0)[1]:.3f} / {m.mean(0)[2]:.3f}   "
+        print(f"  {key:<32} {slashed(m.mean(0), ' / ')}   "
               f"target met on {seeds_meeting_target(m)}/{len(SEEDS)} seeds")
     print("taps chosen by the inner folds (outer folds x seeds):")
     for tap, n in picks.most_common():
         print(f"  {n:>2}  {tap}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -8,6 +8,7 @@ beside it for the record.
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -30,8 +31,14 @@ def study_auc(groups: list[str], y: np.ndarray, p: np.ndarray, method: str) -> f
     return float(roc_auc_score(*study_arrays(groups, y, p, method)))
 
 
-def main(sweep: Path, configs: list[str]) -> None:
-    configs = configs or sorted({p.name.rsplit("-fold", 1)[0] for p in sweep.glob("*-fold*")})
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("sweep", type=Path, metavar="SWEEP_DIR", help="a cross-validated sweep folder")
+    ap.add_argument("configs", nargs="*", metavar="CONFIG",
+                    help="configurations' run-folder prefixes (default: every one in SWEEP_DIR)")
+    args = ap.parse_args(argv)
+    sweep = args.sweep
+    configs = args.configs or sorted({p.name.rsplit("-fold", 1)[0] for p in sweep.glob("*-fold*")})
     print("| config | aggregate | val AUC (choice) | test AUC | test sensitivity | test specificity |")
     print("|---|---|---|---|---|---|")
     for config in configs:
@@ -42,7 +49,8 @@ def main(sweep: Path, configs: list[str]) -> None:
             ms = lambda v: f"{np.mean(v):.3f} ± {np.std(v, ddof=1):.3f}"  # noqa: E731
             print(f"| {config} | {method} | {ms(val)} | {ms([t['auc'] for t in test])} | "
                   f"{ms([t['sensitivity'] for t in test])} | {ms([t['specificity'] for t in test])} |")
+    return 0
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), sys.argv[2:])
+    sys.exit(main())

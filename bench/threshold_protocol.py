@@ -20,16 +20,17 @@ issue 2's target (AUC >= 0.90, sensitivity >= 0.90, specificity >= 0.70).
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 
-from ablation_context import DATA, TARGET, Head, at_threshold, features, inner_folds, scores, seeds_meeting_target
-from ichedge.data import kfold_splits, read_manifest
+from common import (
+    MULTILEVEL, TARGET, Head, at_threshold, frozen_variants, head_crop_inputs, inner_folds,
+    parser, patient_folds, read_data, scores, seeds_meeting_target, slashed,
+)
 from ichedge.evaluation import threshold_for_sensitivity
-from ichedge.preprocess import Preprocessing, load_inputs, slice_order
-from ichedge.training import remap_split
 
 SEEDS = range(5)
-MULTILEVEL = "multilevel (GAP block_13_expand, GAP+GMP block_16)"
 
 
 def fold(f, y, groups, order, head: Head, split, protocol: str, context: bool) -> tuple[float, float, float]:
@@ -48,14 +49,13 @@ def fold(f, y, groups, order, head: Head, split, protocol: str, context: bool) -
     return at_threshold(y[test], p[test], t)
 
 
-def main() -> None:
-    ds = read_manifest(DATA)
-    print(ds.summary())
-    loaded = load_inputs(ds, Preprocessing(224, "gray", True))
-    y, groups, order = loaded.y, ds.groups[loaded.indices], slice_order(ds, loaded)
-    variants, span = features(loaded.x, 224)
+def main(argv: list[str] | None = None) -> int:
+    args = parser(__doc__, data=True).parse_args(argv)
+    ds = read_data(args.data)
+    loaded, y, groups, order = head_crop_inputs(ds, 224)
+    variants, span = frozen_variants(loaded.x, 224)
     f, head = variants[MULTILEVEL], Head(map_range=span)
-    splits = {s: [remap_split(k, loaded.indices) for k in kfold_splits(ds, 5, seed=s)] for s in SEEDS}
+    splits = {s: patient_folds(ds, loaded.indices, seed=s) for s in SEEDS}
     print(f"multilevel taps, 224x224, int8-safe fit; threshold for sensitivity >= {TARGET}; "
           "test AUC / sensitivity / specificity, mean over 5 patient folds")
     for context in (False, True):
@@ -63,12 +63,11 @@ def main() -> None:
             per_seed = np.array([np.mean([fold(f, y, groups, order, head, k, protocol, context)
                                           for k in splits[s]], axis=0) for s in SEEDS])
             met = seeds_meeting_target(per_seed)
-            cells = "  ".join(f"s{s} {a:.3f}/{se:.3f}/{sp:.3f}" for s, (a, se, sp) in zip(SEEDS, per_seed))
-            mean = per_seed.mean(0)
+            cells = "  ".join(f"s{s} {slashed(row)}" for s, row in zip(SEEDS, per_seed))
             print(f"{'context' if context else 'slice':<8} {label:<40} {cells}  "
-                  f"mean {mean[0]:.3f}/{mean[1]:.3f}/{mean[2]:.3f}  target met on {met}/{len(SEEDS)} seeds",
-                  flush=True)
+                  f"mean {slashed(per_seed.mean(0))}  target met on {met}/{len(SEEDS)} seeds", flush=True)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
