@@ -7,7 +7,7 @@ RUNS ?= runs
 CT_ICH ?= ../shared/data/ct-ich/labels.csv
 SEED ?= 0
 
-.PHONY: setup browser demo test sweep cv context best robustness bench ablation load clean-venv
+.PHONY: setup browser demo test test-fast sweep cv context best robustness bench ablation load clean-venv
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
@@ -35,6 +35,10 @@ browser:
 
 test: setup browser
 	$(BIN)/python -m pytest -q
+
+# Unit tests only: no model is trained (tests using a trained model are marked integration).
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not integration"
 
 # The paper's five configurations, one split (PROFILE=1 adds the edge profile) and 5 patient-grouped folds.
 sweep: setup

@@ -9,7 +9,7 @@ training patients (4 inner patient folds). Prints test AUC (mean ± sd over fold
 validation AUC (what a choice between rows may look at), and sensitivity / specificity at the
 threshold chosen on validation for sensitivity >= 0.95. The last rows are the taps of ichedge's
 multilevel head (`--head multilevel`), at three regularisation strengths, and with the head's own
-fit (`ichedge.training.fit_logistic`, which floors each channel's scale at its tap's int8 step).
+fit (`ichedge.heads.fit_logistic`, which floors each channel's scale at its tap's int8 step).
 
     python bench/ablation_context.py [../shared/data/ct-ich/labels.csv]
 """

@@ -23,7 +23,8 @@ from ichedge.data import kfold_splits, read_manifest
 from ichedge.evaluation import binary_metrics, threshold_for_sensitivity
 from ichedge.model import build_model, resolve_weights
 from ichedge.preprocess import Preprocessing, load_inputs, slice_order
-from ichedge.training import Taps, fit_logistic, remap_split
+from ichedge.heads import Taps, fit_logistic
+from ichedge.training import remap_split
 
 # The full-resolution CT-ICH (650x650 JPEGs), as the Makefile's CT_ICH.
 DEFAULT_DATA = "../shared/data/ct-ich/labels.csv"
@@ -109,7 +110,7 @@ def frozen_variants(x: np.ndarray, size: int) -> tuple[dict[str, np.ndarray], np
 class Head:
     """A standardised, balanced logistic regression; with ``map_range`` (each image's block_16 map
     minimum and maximum), ichedge's int8-safe fit of the multilevel taps, with their int8 steps
-    taken over all training images (ichedge samples 200 of them: :func:`ichedge.model.tap_int8_steps`)."""
+    taken over all training images (ichedge samples 200 of them: :func:`ichedge.heads.tap_int8_steps`)."""
 
     def __init__(self, c: float = 0.01, map_range: np.ndarray | None = None) -> None:
         self.c, self.map_range = c, map_range

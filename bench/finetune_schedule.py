@@ -35,7 +35,8 @@ import keras
 from common import at_validation_threshold, mean_sd, parser, patient_folds, read_data
 from ichedge import training
 from ichedge.preprocess import load_inputs, patient_groups
-from ichedge.training import TrainConfig, class_weights, fit, predict_probabilities, unfreeze_top
+from ichedge.heads import class_weights
+from ichedge.training import TrainConfig, fit, predict_probabilities, unfreeze_top
 
 
 @dataclass(frozen=True)

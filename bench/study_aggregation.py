@@ -17,7 +17,7 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 
 from ichedge.evaluation import evaluate_studies
-from ichedge.triage import AGGREGATES, study_arrays
+from ichedge.studies import AGGREGATES, study_arrays
 
 
 def fold_parts(run: Path) -> dict[str, tuple[list[str], np.ndarray, np.ndarray]]:

@@ -1,18 +1,27 @@
-"""Shared fixtures: tiny synthetic CT-like slices and a small real subset of bundled CT-ICH."""
+"""Shared fixtures: tiny synthetic CT-like slices, a small real subset of bundled CT-ICH, and the
+few tiny models the suite trains once per session and shares.
+
+A test that uses a trained model is marked ``integration`` here (``make test-fast`` leaves them out).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import csv
-import os
+import io
+import logging
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from ichedge.data import bundled_path
+from ichedge.cli import main
+from ichedge.data import bundled_path, read_manifest, train_val_test_split
+from ichedge.export import ExportResult, export_run
+from ichedge.training import TrainConfig, TrainResult, train
 
 
 def synthetic_slice(rng: np.random.Generator, bleed: bool, size: int = 64) -> np.ndarray:
@@ -150,16 +159,99 @@ def write_dicom_manifest(root: Path, patients: int = 12, slices: int = 6, seed: 
     return write_rows(root / "labels.csv", rows)
 
 
-@pytest.fixture(scope="session")
-def served_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny gray run (32x32, alpha 0.35) on synthetic slices, exported: what the service serves."""
-    from ichedge.data import read_manifest, train_val_test_split
-    from ichedge.export import export_run
-    from ichedge.training import TrainConfig, train
+# --- trained once per session, shared ------------------------------------------------------------
 
-    root = tmp_path_factory.mktemp("served")
-    ds = read_manifest(write_manifest(root / "data", patients=12))
-    run, _ = train(TrainConfig(size=32, alpha=0.35, epochs=3), ds, train_val_test_split(ds, test=0.25, val=0.25),
-                   root / "runs", progress=False)
-    export_run(run, calibration_images=20)
+TRAINED_FIXTURES = {"tiny_run", "tiny_export", "served_run", "multilevel_run", "cv_sweep", "slice_sweep", "dicom_run"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if TRAINED_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture(scope="session")
+def synthetic12(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 12-patient synthetic manifest (6 bleed), shared read-only."""
+    return write_manifest(tmp_path_factory.mktemp("synthetic12"), patients=12)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory, synthetic12: Path) -> Path:
+    """32x32, alpha 0.35, the paper head, 3 epochs, with slice context, on the 12 synthetic patients."""
+    ds = read_manifest(synthetic12)
+    run, _ = train(TrainConfig(size=32, alpha=0.35, epochs=3, context=True), ds,
+                   train_val_test_split(ds, test=0.25, val=0.25), tmp_path_factory.mktemp("tiny"), progress=False)
     return run
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tiny_run: Path) -> ExportResult:
+    return export_run(tiny_run, calibration_images=20)
+
+
+@pytest.fixture(scope="session")
+def served_run(tiny_run: Path, tiny_export: ExportResult) -> Path:
+    """The tiny run, exported: what the service serves."""
+    return tiny_run
+
+
+@dataclass
+class Trained:
+    run: Path
+    result: TrainResult
+    split: object
+    dataset: object
+
+
+@pytest.fixture(scope="session")
+def multilevel_run(tmp_path_factory: pytest.TempPathFactory, synthetic12: Path) -> Trained:
+    """64x64, alpha 0.35, the multilevel head with slice context, on the 12 synthetic patients."""
+    ds = read_manifest(synthetic12)
+    split = train_val_test_split(ds, test=0.25, val=0.25, seed=0)
+    run, result = train(TrainConfig(size=64, alpha=0.35, head="multilevel", context=True), ds, split,
+                        tmp_path_factory.mktemp("multilevel"), progress=False)
+    return Trained(run, result, split, ds)
+
+
+@dataclass
+class CommandRun:
+    """What one `ichedge` command left: its exit code, output folder, stdout, log and warnings."""
+
+    code: int
+    folder: Path
+    out: str
+    log: str
+    warnings: list[str]
+
+
+def run_command(args: list[str], runs: Path) -> CommandRun:
+    """Run the CLI in-process, capturing what a session fixture cannot get from capsys or caplog."""
+    out, log = io.StringIO(), io.StringIO()
+    handler = logging.StreamHandler(log)
+    logging.getLogger("ichedge").addHandler(handler)
+    try:
+        with contextlib.redirect_stdout(out), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            code = main([*args, "--runs", str(runs), "--quiet"])
+    finally:
+        logging.getLogger("ichedge").removeHandler(handler)
+    (folder,) = [p for p in runs.iterdir() if not p.name.startswith(".")]
+    return CommandRun(code, folder, out.getvalue(), log.getvalue(), [str(w.message) for w in caught])
+
+
+@pytest.fixture(scope="session")
+def cv_sweep(tmp_path_factory: pytest.TempPathFactory) -> CommandRun:
+    """`ichedge sweep --cv 2 --context` over 96x96/alpha 0.35 (ImageNet) and 32x32/alpha 0.1 (random
+    weights: trained from scratch, slice context skipped) on 16 synthetic patients."""
+    root = tmp_path_factory.mktemp("cv_sweep")
+    data = write_manifest(root / "data", patients=16)
+    return run_command(["sweep", "--data", str(data), "--grid", "96x0.35,32x0.1", "--cv", "2", "--epochs", "2",
+                        "--context"], root / "runs")
+
+
+@pytest.fixture(scope="session")
+def slice_sweep(tmp_path_factory: pytest.TempPathFactory, synthetic12: Path) -> CommandRun:
+    """`ichedge sweep --split-by slice --profile` of one 32x32 configuration: leak banners and edge columns."""
+    return run_command(["sweep", "--data", str(synthetic12), "--grid", "32x0.35", "--epochs", "2",
+                        "--split-by", "slice", "--profile"], tmp_path_factory.mktemp("slice_sweep") / "runs")

@@ -14,6 +14,8 @@ import pytest
 import uvicorn
 from PIL import Image
 
+from ichedge.evaluate import evaluate_model
+from ichedge.runs import RunFolder
 from ichedge.service import create_app
 from tests.conftest import synthetic_slice
 
@@ -95,10 +97,7 @@ def test_reports_render_offline_in_chromium(served_run, browser, tmp_path):
     """A training report and an evaluation report open from disk with every plot drawn."""
     from selenium.webdriver.common.by import By
 
-    from ichedge.evaluation import evaluate_model
-    from ichedge.predict import read_run_config
-
-    data = read_run_config(served_run)["dataset"]["source"]
+    data = RunFolder.open(served_run).meta["dataset"]["source"]
     model = next(served_run.glob("export*/model_int8.tflite"))
     folder, _ = evaluate_model(model, data, tmp_path, n_boot=200, unseen_only=True)
     for name, page in (("report_run", served_run / "report.html"), ("report_evaluation", folder / "report.html")):

@@ -1,9 +1,14 @@
 import csv
 import json
 
+import subprocess
+import sys
+
 import pytest
 
-from ichedge.cli import build_parser, main
+import ichedge.sweep as sweep
+from ichedge.cli import main
+from ichedge.commands import build_parser
 from ichedge.sweep import PAPER_RESULTS, parse_grid
 from tests.conftest import write_manifest
 
@@ -26,6 +31,7 @@ def test_train_reports_a_clear_error_for_a_bad_data_path(tmp_path, capsys):
     assert "nowhere: not a folder" in capsys.readouterr().err
 
 
+@pytest.mark.integration
 def test_cli_train_on_a_manifest(tmp_path, capsys):
     data = write_manifest(tmp_path / "data", patients=12)
     code = main(["train", "--data", str(data), "--size", "32", "--alpha", "0.35", "--epochs", "2",
@@ -39,12 +45,9 @@ def test_cli_train_on_a_manifest(tmp_path, capsys):
     assert auc == pytest.approx(json.loads((run / "metrics.json").read_text())["default"]["auc"], abs=5e-4)
 
 
-def test_sweep_writes_the_paper_table_with_folds(tmp_path):
-    data = write_manifest(tmp_path / "data", patients=16)
-    code = main(["sweep", "--data", str(data), "--grid", "96x0.35,32x0.1", "--cv", "2", "--epochs", "2",
-                 "--runs", str(tmp_path / "runs"), "--quiet"])
-    assert code == 0
-    (sweep,) = (tmp_path / "runs").iterdir()
+def test_sweep_writes_the_paper_table_with_folds(cv_sweep):
+    assert cv_sweep.code == 0
+    sweep = cv_sweep.folder
     rows = list(csv.DictReader((sweep / "results.csv").open()))
     assert [(r["rho"], r["alpha"]) for r in rows] == [("96x96", "0.35"), ("32x32", "0.1")]
     assert rows[0]["weights"] == "ImageNet (bundled)" and rows[1]["weights"].startswith("RANDOM")
@@ -52,16 +55,17 @@ def test_sweep_writes_the_paper_table_with_folds(tmp_path):
     assert rows[1]["paper accuracy"] == "-"
     assert "±" in rows[0]["AUC"]
     runs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
-    assert runs == ["32px-a0.1-gray-fold0", "32px-a0.1-gray-fold1", "96px-a0.35-gray-fold0", "96px-a0.35-gray-fold1"]
+    assert runs == ["32px-a0.1-gray-context-fold0", "32px-a0.1-gray-context-fold1", "96px-a0.35-gray-context-fold0",
+                    "96px-a0.35-gray-context-fold1"]
     summary = json.loads((sweep / "results.json").read_text())
     assert len(summary[0]["folds"]) == 2
     md = (sweep / "results.md").read_text()
     assert "| rho | alpha | weights |" in md and "2 folds grouped by patient" in md
+    assert md in cv_sweep.out, "the command prints the table it wrote"
 
 
+@pytest.mark.integration
 def test_an_interrupted_sweep_keeps_its_finished_runs(tmp_path, monkeypatch):
-    import ichedge.sweep as sweep
-
     real_fit, calls = sweep.fit, []
 
     def fit_then_fail(config, *args, **kwargs):
@@ -86,13 +90,23 @@ def test_duplicate_grid_entries_are_refused():
         parse_grid("96x0.35,96x0.35")
 
 
-def test_sweep_profile_adds_the_edge_columns(tmp_path):
-    data = write_manifest(tmp_path / "data", patients=12)
-    assert main(["sweep", "--data", str(data), "--grid", "32x0.35", "--epochs", "2", "--profile",
-                 "--runs", str(tmp_path / "runs"), "--quiet"]) == 0
-    (sweep,) = (tmp_path / "runs").iterdir()
+def test_sweep_profile_adds_the_edge_columns(slice_sweep):
+    assert slice_sweep.code == 0
+    sweep = slice_sweep.folder
     (row,) = list(csv.DictReader((sweep / "results.csv").open()))
     flash = (sweep / "32px-a0.35-gray" / "export" / "model_int8.tflite").stat().st_size
     assert row["flash KiB (int8)"] == f"{flash / 1024:.1f}"
     assert float(row["RAM KiB (TFLM arena)"]) > 0 and float(row["int8 ms"]) > 0
     assert 0 <= float(row["AUC int8"]) <= 1
+
+
+def test_start_up_noise_is_silenced_unless_verbose(tmp_path):
+    """TensorFlow's C++ start-up lines (absl, oneDNN) show with --verbose only."""
+    bad = ["evaluate", str(tmp_path / "no-model"), "--runs", str(tmp_path)]
+    quiet = subprocess.run([sys.executable, "-m", "ichedge.cli", *bad], capture_output=True, text=True, timeout=300)
+    loud = subprocess.run([sys.executable, "-m", "ichedge.cli", *bad, "--verbose"], capture_output=True, text=True,
+                          timeout=300)
+    assert quiet.returncode == loud.returncode == 2
+    assert quiet.stderr.splitlines() == [f"error: {tmp_path / 'no-model'}: not a run folder, .keras or .tflite model"]
+    assert quiet.stdout == ""
+    assert "absl::InitializeLog" in loud.stderr or "oneDNN" in loud.stderr

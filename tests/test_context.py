@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import csv
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from ichedge.context import FEATURES, SliceContext, context_features
+from ichedge.context import FEATURES, STAGES, SliceContext, context_features
 from ichedge.data import DataError, read_manifest, train_val_test_split
+from ichedge.evaluation import binary_metrics, evaluate_split
+from ichedge.sweep import ConfigResult, write_tables
 from ichedge.training import TrainConfig, train
 
 
@@ -104,33 +108,22 @@ def test_context_needs_a_frozen_backbone_and_patients(tmp_path, synthetic_manife
     with pytest.raises(ValueError, match="context needs the frozen-backbone training only"):
         TrainConfig(context=True, fine_tune_epochs=1)
     ds = read_manifest(synthetic_manifest)
-    from dataclasses import replace
-
     no_patients = replace(ds, has_patients=False)
     split = train_val_test_split(no_patients, seed=0)
     with pytest.raises(DataError, match="needs patient IDs and slice numbers"):
         train(TrainConfig(size=32, context=True, epochs=1), no_patients, split, tmp_path, progress=False)
 
 
-def test_random_weights_skip_context_loudly(tmp_path, caplog):
-    from tests.conftest import write_manifest
-
-    ds = read_manifest(write_manifest(tmp_path / "data", patients=12))
-    config = TrainConfig(size=32, alpha=0.1, weights="random", epochs=1, context=True)
-    split = train_val_test_split(ds, test=0.25, val=0.25)
-    run, result = train(config, ds, split, tmp_path / "runs", progress=False)
-    assert "random weights" in result.metrics["context_skipped"]["reason"]
-    assert "NO SLICE CONTEXT" in caplog.text and not (run / "context.json").exists()
+def test_random_weights_skip_context_loudly(cv_sweep):
+    run = cv_sweep.folder / "32px-a0.1-gray-context-fold0"  # alpha 0.1 has no ImageNet weights
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert "random weights" in metrics["context_skipped"]["reason"]
+    assert "NO SLICE CONTEXT" in cv_sweep.log and not (run / "context.json").exists()
     assert "Slice context was asked for and skipped" in (run / "report.html").read_text()
 
 
 def test_sweep_table_with_and_without_context_columns(tmp_path, synthetic_manifest):
     """A random-weights row has no context figures: the table keeps every column, "-" where missing."""
-    import csv
-
-    from ichedge.evaluation import binary_metrics, evaluate_split
-    from ichedge.sweep import ConfigResult, write_tables
-
     rng = np.random.default_rng(0)
     y = rng.integers(0, 2, 60)
     p = np.clip(y * 0.3 + rng.uniform(0, 0.7, 60), 0, 1)
@@ -154,8 +147,9 @@ def test_sweep_table_with_and_without_context_columns(tmp_path, synthetic_manife
 
 @pytest.mark.integration
 def test_training_with_context_on_real_ct_subset(real_subset, tmp_path):
+    """On real CT the stage fits, re-scores and is reported (the multilevel head: fitted in one go)."""
     ds = read_manifest(real_subset)
-    config = TrainConfig(size=96, context=True)
+    config = TrainConfig(size=96, head="multilevel", context=True)
     run, result = train(config, ds, train_val_test_split(ds, seed=0), tmp_path, progress=False)
     assert run.name.endswith("-context")
     m = json.loads((run / "metrics.json").read_text())
@@ -170,3 +164,10 @@ def test_training_with_context_on_real_ct_subset(real_subset, tmp_path):
     assert roc_auc_score(saved["test_y"], saved["test_context_p"]) == pytest.approx(m["context_default"]["auc"])
     assert (run / "plots" / "roc_context.png").is_file()
     assert "slice context, high-sensitivity threshold" in (run / "report.html").read_text()
+
+
+def test_the_context_stage_is_registered_with_what_it_needs():
+    assert STAGES.get("context") is SliceContext
+    assert SliceContext.needs == {"patients", "slice_order"}
+    with pytest.raises(ValueError, match="unknown study stage 'sequence'; choose one of: context"):
+        STAGES.get("sequence")

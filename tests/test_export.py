@@ -6,29 +6,29 @@ import sys
 
 import numpy as np
 import pytest
+from ai_edge_litert.interpreter import Interpreter
 
-from ichedge.data import read_manifest, train_val_test_split
-from ichedge.export import c_array, export_run
-from ichedge.predict import Predictor, read_run_config, split_inputs
+import ichedge.runtimes as runtimes
+import ichedge.tflm as tflm
+from ichedge.cli import main
+from ichedge.data import DataError
+from ichedge.evaluation import threshold_for_sensitivity
+from ichedge.export import c_array, calibration_sample, export_run
+from ichedge.heads import MULTILEVEL_TAPS, pool_name, tap_int8_steps
+from ichedge.intake import Prepared
+from ichedge.model import sha256
 from ichedge.profiling import count_macs, profile_run
+from ichedge.runs import RunFolder
+from ichedge.runtimes import Predictor
+from ichedge.studies import study_arrays
 from ichedge.tflm import TFLMCrash, TFLMError, _unsupported_op, find_arena, run_tflm
-from ichedge.training import TrainConfig, train
-from tests.conftest import write_manifest
+from ichedge.triage import triage
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    """A 32x32, alpha-0.35 run with slice context on synthetic slices: small enough to export in seconds."""
-    root = tmp_path_factory.mktemp("tiny")
-    ds = read_manifest(write_manifest(root / "data", patients=12))
-    run, _ = train(TrainConfig(size=32, alpha=0.35, epochs=3, context=True), ds,
-                   train_val_test_split(ds, test=0.25, val=0.25), root / "runs", progress=False)
-    return run
-
-
-@pytest.fixture(scope="module")
-def exported(tiny_run):
-    return export_run(tiny_run, calibration_images=20)
+def exported(tiny_export):
+    """The shared tiny run (32x32, alpha 0.35, slice context) exported: small enough in seconds."""
+    return tiny_export
 
 
 def test_c_array_is_aligned_and_exact():
@@ -47,8 +47,6 @@ def test_export_writes_every_artefact_and_a_truthful_card(exported):
     assert q["input"]["dtype"] == "int8" and q["output"]["dtype"] == "int8"
     assert q["input"]["shape"] == [1, 32, 32, 3]
     assert card["preprocessing"]["size"] == 32
-    from ichedge.model import sha256
-
     for entry in card["files"].values():
         assert sha256(folder / entry["name"]) == entry["sha256"]
     source = (folder / "model_int8.cc").read_text()
@@ -64,8 +62,7 @@ def test_a_second_export_never_overwrites_the_first(tiny_run, exported):
 
 
 def test_litert_predictors_agree_with_keras(tiny_run, exported):
-    meta = read_run_config(tiny_run)
-    x = split_inputs(meta, "test").x
+    x = RunFolder.open(tiny_run).split_part("test")[0].x
     keras_p = Predictor.load(tiny_run).predict(x)
     float_p = Predictor.load(exported.files["float32"]).predict(x)
     int8 = Predictor.load(exported.files["int8"])
@@ -76,12 +73,9 @@ def test_litert_predictors_agree_with_keras(tiny_run, exported):
 
 def test_each_exported_runtime_gets_thresholds_chosen_on_its_own_validation_outputs(tiny_run, exported):
     """int8 arithmetic moves probabilities, so each runtime's thresholds come from its own outputs."""
-    from ichedge.evaluation import threshold_for_sensitivity
-    from ichedge.predict import split_part
-    from ichedge.triage import study_arrays
-
-    meta = read_run_config(tiny_run)
-    val, groups, order = split_part(meta, "val")
+    run = RunFolder.open(tiny_run)
+    meta = run.meta
+    val, groups, order = run.split_part("val")
     run_decision = Predictor.load(tiny_run).decision
     assert run_decision.study_aggregate == "top3"
     by_runtime = exported.card["thresholds"]["by_runtime"]
@@ -106,9 +100,7 @@ def test_each_exported_runtime_gets_thresholds_chosen_on_its_own_validation_outp
 
 
 def test_triage_applies_slice_context_when_asked_in_slice_order(tiny_run, exported):
-    from ichedge.predict import Prepared, split_part, triage
-
-    val, groups, order = split_part(read_run_config(tiny_run), "val")
+    val, groups, order = RunFolder.open(tiny_run).split_part("val")
     shuffle = np.random.default_rng(0).permutation(len(val.y))  # input order must not matter
     prepared = Prepared([f"v{i}.png" for i in shuffle], [str(g) for g in groups[shuffle]],
                         [int(o) for o in order[shuffle]], val.x[shuffle], [])
@@ -141,27 +133,19 @@ def test_tflm_matches_litert_int8_and_finds_the_smallest_arena(exported):
     assert np.abs(run.outputs.reshape(-1).astype(int) - reference.raw(x).astype(int)).max() <= 2
 
 
-def test_multilevel_head_quantises_as_its_fit_assumes_and_runs_in_tflm(tmp_path):
-    from ai_edge_litert.interpreter import Interpreter
-
-    from ichedge.export import calibration_sample
-    from ichedge.model import MULTILEVEL_TAPS, pool_name, tap_int8_steps
-
-    ds = read_manifest(write_manifest(tmp_path / "data", patients=12))
-    run, _ = train(TrainConfig(size=64, alpha=0.35, head="multilevel"), ds,
-                   train_val_test_split(ds, test=0.25, val=0.25), tmp_path / "runs", progress=False)
+def test_multilevel_head_quantises_as_its_fit_assumes_and_runs_in_tflm(multilevel_run):
+    run = multilevel_run.run
     result = export_run(run, calibration_images=20)
     assert "multilevel logistic head" in result.card["model"] and "Dense(8" not in result.card["model"]
     model = result.files["int8"]
     # the int8 steps fit_logistic floors at are the converted taps' scales (a max keeps its map's)
-    meta = read_run_config(run)
-    steps = tap_int8_steps(Predictor.load(run).model, calibration_sample(meta, 20, seed=0))
+    steps = tap_int8_steps(Predictor.load(run).model, calibration_sample(RunFolder.open(run), 20, seed=0))
     scales = {d["name"]: d["quantization"][0] for d in Interpreter(model_path=str(model)).get_tensor_details()}
     for (layer, how), step in zip(MULTILEVEL_TAPS, steps):
         scale = [v for k, v in scales.items() if f"/{pool_name(layer, how)}" in k and k.endswith(("Mean", "Max"))]
         assert scale == [pytest.approx(step, rel=1e-3)], (layer, how)
     assert steps[2] > steps[1], "block_16's max tap is resolved as coarsely as its whole map"
-    x = split_inputs(meta, "test").x
+    x = RunFolder.open(run).split_part("test")[0].x
     int8 = Predictor.load(model)
     assert np.abs(int8.predict(x) - Predictor.load(run).predict(x)).max() < 0.1
     reference = Predictor.load(model, reference_kernels=True)
@@ -185,8 +169,6 @@ def test_profile_reports_every_figure(tiny_run, exported):
 
 
 def test_a_crashing_tflm_child_becomes_a_clear_error(tmp_path, monkeypatch):
-    import ichedge.tflm as tflm
-
     real_run = subprocess.run
 
     def abort_child(cmd, **kwargs):
@@ -216,8 +198,6 @@ def test_garbage_model_is_never_reported_as_running(tmp_path):
 
 
 def test_predictor_load_names_what_is_wrong(tmp_path):
-    from ichedge.data import DataError
-
     with pytest.raises(DataError, match="not a run folder"):
         Predictor.load(tmp_path)
     (tmp_path / "m.tflite").write_bytes(b"x")
@@ -228,9 +208,7 @@ def test_predictor_load_names_what_is_wrong(tmp_path):
 
 
 def test_a_model_that_crashes_xnnpack_falls_back_to_builtin_kernels(exported, monkeypatch):
-    import ichedge.predict as predict
-
-    monkeypatch.setattr(predict, "xnnpack_allocates", lambda path: False)
+    monkeypatch.setattr(runtimes, "xnnpack_allocates", lambda path: False)
     int8 = Predictor.load(exported.files["int8"])
     assert int8.kind == "tflite-int8-builtin"
     x = np.random.default_rng(1).integers(0, 256, (3, 32, 32, 3)).astype(np.uint8)
@@ -240,18 +218,14 @@ def test_a_model_that_crashes_xnnpack_falls_back_to_builtin_kernels(exported, mo
 
 
 def test_xnnpack_probe_survives_a_crashing_child(tmp_path, monkeypatch):
-    import ichedge.predict as predict
-
     real_run = subprocess.run
-    monkeypatch.setattr(predict.subprocess, "run",
+    monkeypatch.setattr(runtimes.subprocess, "run",
                         lambda cmd, **kw: real_run([sys.executable, "-c", "import os; os.abort()"], **kw))
-    assert predict.xnnpack_allocates(tmp_path / "any.tflite") is False
+    assert runtimes.xnnpack_allocates(tmp_path / "any.tflite") is False
 
 
 def test_evaluate_scores_slice_context_on_the_runs_test_patients(tiny_run, tmp_path, capsys):
-    from ichedge.cli import main
-
-    meta = read_run_config(tiny_run)
+    meta = RunFolder.open(tiny_run).meta
     args = ["evaluate", str(tiny_run), meta["dataset"]["source"], "--unseen-only", "--runs", str(tmp_path), "--quiet"]
     assert main(args) == 0
     assert "slice context: AUC" in capsys.readouterr().out

@@ -5,7 +5,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ichedge.model import build_model, feature_extractor, head_kind, resolve_weights, sha256, weights_filename
+from ichedge.heads import HEADS, head_of
+from ichedge.model import build_model, feature_extractor, resolve_weights, sha256, weights_filename
 
 SHARED_SHA_128 = "7a3b4f7620361d61fe92d97941b79617215b2858ac7cd28884fe726b2cef1279"
 
@@ -114,10 +115,10 @@ def test_multilevel_head_pools_block_13_and_block_16_and_drops_the_last_convolut
     names = {layer.name for layer in multilevel.get_layer("backbone").layers}
     assert "Conv_1" not in names and "Conv_1" in {layer.name for layer in full.layers}
     assert multilevel.count_params() < paper.count_params() - 112 * 1280
-    with pytest.raises(ValueError, match="head must be one of"):
+    with pytest.raises(ValueError, match="unknown head 'mlp'; choose one of: paper, multilevel"):
         build_model(0.35, 96, w, head="mlp")
-    with pytest.raises(ValueError, match="trim applies to the paper head only"):
+    with pytest.raises(ValueError, match="trim applies to heads that read the backbone's last map"):
         build_model(0.35, 96, w, trim=True, head="multilevel")
-    assert head_kind(paper) == "paper" and head_kind(multilevel) == "multilevel"
-    with pytest.raises(ValueError, match="neither the paper head nor"):
-        head_kind(maps)
+    assert head_of(paper) is HEADS.get("paper") and head_of(multilevel) is HEADS.get("multilevel")
+    with pytest.raises(ValueError, match="carries none of this version's heads"):
+        head_of(maps)

@@ -3,15 +3,13 @@
 import html
 import json
 
-import pytest
-
 from ichedge.cli import main
-from ichedge.predict import read_run_config
+from ichedge.runs import RunFolder
 from tests.conftest import write_manifest
 
 
 def _training_manifest(run):
-    return read_run_config(run)["dataset"]["source"]
+    return RunFolder.open(run).meta["dataset"]["source"]
 
 
 def test_evaluate_on_new_data_reports_intervals_and_no_leak(served_run, tmp_path, capsys):
@@ -41,7 +39,7 @@ def test_evaluating_on_the_training_data_is_flagged_and_can_be_restricted(served
     (folder,) = (tmp_path / "unseen").iterdir()
     m = json.loads((folder / "metrics.json").read_text())
     assert m["slices_seen_in_training"] == 0
-    assert m["default"]["n"] == len(read_run_config(served_run)["split"]["test"])
+    assert m["default"]["n"] == len(RunFolder.open(served_run).meta["split"]["test"])
 
 
 def test_training_run_report_is_self_contained(served_run):
@@ -51,13 +49,11 @@ def test_training_run_report_is_self_contained(served_run):
     assert "resampling patients" in page and "Calibration: ECE" in page
 
 
-def test_slice_split_sweep_report_carries_the_leak_banner(synthetic_manifest, tmp_path, capsys):
-    with pytest.warns(UserWarning, match="split is by image"):
-        code = main(["sweep", "--data", str(synthetic_manifest), "--grid", "32x0.35", "--epochs", "2", "--cv", "3",
-                     "--split-by", "slice", "--runs", str(tmp_path / "runs"), "--quiet"])
-    assert code == 0
-    assert "SPLIT BY SLICE" in capsys.readouterr().out
-    (sweep,) = (tmp_path / "runs").iterdir()
+def test_slice_split_sweep_report_carries_the_leak_banner(slice_sweep):
+    assert slice_sweep.code == 0
+    assert any("split is by image" in w for w in slice_sweep.warnings)
+    assert "SPLIT BY SLICE" in slice_sweep.out
+    sweep = slice_sweep.folder
     page = (sweep / "report.html").read_text()
     assert "likely inflated" in page and "report.html" in page
     run = next(p for p in sweep.iterdir() if p.is_dir())

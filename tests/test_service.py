@@ -9,8 +9,9 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from ichedge.cli import build_parser
-from ichedge.predict import Predictor, Source, prepare_sources
+from ichedge.commands import build_parser
+from ichedge.intake import Source, prepare_sources
+from ichedge.runtimes import Predictor
 from ichedge.service import Limits, create_app
 from tests.conftest import PHI, ct_phantom, synthetic_slice, write_ct_dicom
 

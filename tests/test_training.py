@@ -1,14 +1,25 @@
 import csv
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
 
+import keras
+
+from ichedge.cli import exit_cleanly_on_sigterm  # noqa: F401  (the child process below imports it)
 from ichedge.data import Split, read_manifest, train_val_test_split
-from ichedge.training import (
-    INT8_STEP_IMAGES, Taps, TrainConfig, check_split_usable, class_weights, finish_run_dir, fit_logistic, new_run_dir, remap_split,
-    train, unfreeze_top,
-)
+from ichedge.explain import GradCAM
+from ichedge.heads import INT8_STEP_IMAGES, Taps, class_weights, fit_logistic, tap_int8_steps
+from ichedge.model import build_model, feature_extractor, resolve_weights
+from ichedge.runs import RunFolder, new_folder
+from ichedge.runtimes import Predictor
+from ichedge.training import TrainConfig, check_split_usable, remap_split, train, unfreeze_top
+from tests.conftest import write_manifest
 
 RUN_FILES = {"config.json", "model.keras", "history.csv", "metrics.json", "predictions.npz",
              "plots/learning_curves.png", "plots/confusion_0.5.png", "plots/confusion_high_sensitivity.png",
@@ -32,24 +43,18 @@ def test_remap_split_drops_unloaded_images():
 
 
 def test_run_dirs_never_collide(tmp_path):
-    tmp1, final1 = new_run_dir(tmp_path, "x")
-    final1.mkdir()
-    (final1 / "keep.txt").write_text("earlier run")
-    _, final2 = new_run_dir(tmp_path, "x")
-    assert final2 != final1 and final2.name.startswith(final1.name)
-    # a run finishing under a name another run took meanwhile gets the next free name
-    (tmp1 / "model.keras").write_text("new run")
-    kept = finish_run_dir(tmp1, final1)
-    assert kept != final1 and (kept / "model.keras").read_text() == "new run"
-    assert (final1 / "keep.txt").read_text() == "earlier run"
-    assert not tmp1.exists()
+    with new_folder(tmp_path, "x", stamp=False) as first:
+        (first.tmp / "keep.txt").write_text("earlier run")
+    with new_folder(tmp_path, "x", stamp=False) as second:
+        (tmp_path / "x-2").mkdir()  # another run took the next free name while this one was written
+        (second.tmp / "model.keras").write_text("new run")
+    assert first.path == tmp_path / "x" and second.path == tmp_path / "x-3"
+    assert (second.path / "model.keras").read_text() == "new run"
+    assert (first.path / "keep.txt").read_text() == "earlier run" and not any((tmp_path / "x-2").iterdir())
+    assert not second.tmp.exists()
 
 
 def test_unfreeze_top_keeps_batch_norm_frozen():
-    import keras
-
-    from ichedge.model import build_model, resolve_weights
-
     model = build_model(0.35, 96, resolve_weights(0.35, 96))
     backbone = model.get_layer("backbone")
     unfreeze_top(backbone, "block_16")
@@ -60,13 +65,8 @@ def test_unfreeze_top_keeps_batch_norm_frozen():
         unfreeze_top(backbone, "nonsense")
 
 
-def test_from_scratch_training_writes_a_complete_run(tmp_path):
-    from tests.conftest import write_manifest
-
-    ds = read_manifest(write_manifest(tmp_path / "data", patients=12))
-    config = TrainConfig(size=32, alpha=0.1, epochs=2, batch_size=16)
-    split = train_val_test_split(ds, test=0.25, val=0.25, seed=0)
-    run, result = train(config, ds, split, tmp_path / "runs", progress=False)
+def test_from_scratch_training_writes_a_complete_run(cv_sweep):
+    run = cv_sweep.folder / "32px-a0.1-gray-context-fold0"  # random weights: trained from scratch, 2 epochs
     assert RUN_FILES <= _files(run)
     meta = json.loads((run / "config.json").read_text())
     assert meta["weights"]["source"] == "random" and "RANDOM WEIGHTS" in meta["warning"]
@@ -74,14 +74,15 @@ def test_from_scratch_training_writes_a_complete_run(tmp_path):
     with (run / "history.csv").open() as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == 2 and {r["phase"] for r in rows} == {"from-scratch"}
-    assert set(result.metrics) == {"default", "high_sensitivity", "validation", "study_high_sensitivity",
-                                   "intervals", "calibration"}
-    ci = result.metrics["intervals"]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert set(metrics) == {"default", "high_sensitivity", "validation", "study_high_sensitivity",
+                            "intervals", "calibration", "context_skipped"}
+    ci = metrics["intervals"]
     assert ci["resampled"] == "patients"
     for point in ("default", "high_sensitivity"):
         for m in ("sensitivity", "specificity"):
             assert ci[point][m]["low"] <= ci[point][m]["value"] <= ci[point][m]["high"]
-    assert not list((tmp_path / "runs").glob(".*")), "no temporary folder left behind"
+    assert not list(cv_sweep.folder.parent.glob(".*")), "no temporary folder left behind"
 
 
 @pytest.mark.integration
@@ -119,10 +120,6 @@ def _int8_steps(features, widths):
 
 
 def test_logistic_head_does_not_lean_on_what_int8_cannot_resolve():
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
     rng = np.random.default_rng(0)
     y = (rng.random(400) < 0.3).astype(int)
     wide = rng.normal(0, 3, (400, 3)) + y[:, None]
@@ -143,28 +140,20 @@ def test_logistic_head_does_not_lean_on_what_int8_cannot_resolve():
         fit_logistic(f, y, Taps([3], [0.1]))
 
 
-def test_multilevel_run_with_context_serves_the_fitted_regression_and_explains_it(tmp_path):
-    from ichedge.explain import GradCAM
-    from ichedge.model import feature_extractor, tap_int8_steps
-    from ichedge.predict import Predictor, read_run_config, split_inputs
-    from tests.conftest import write_manifest
-
-    ds = read_manifest(write_manifest(tmp_path / "data", patients=12))
-    split = train_val_test_split(ds, test=0.25, val=0.25, seed=0)
-    config = TrainConfig(size=64, alpha=0.35, head="multilevel", context=True)
-    run, result = train(config, ds, split, tmp_path / "runs", progress=False)
+def test_multilevel_run_with_context_serves_the_fitted_regression_and_explains_it(multilevel_run):
+    run, result, split, ds = multilevel_run.run, multilevel_run.result, multilevel_run.split, multilevel_run.dataset
     assert run.name.endswith("-multilevel-context") and RUN_FILES <= _files(run)
     assert [r["phase"] for r in csv.DictReader((run / "history.csv").open())] == ["frozen"], "fitted in one go"
     assert np.isfinite(result.metrics["context_default"]["auc"]) and "test_context" in result.probabilities
     model = Predictor.load(run).model
-    test = split_inputs(read_run_config(run), "test")
+    test = RunFolder.open(run).split_part("test")[0]
     p = model.predict(test.x.astype("float32"), verbose=0).reshape(-1)
     assert np.allclose(p, result.probabilities["test"], atol=1e-5), "the saved model is the evaluated one"
     # its head is the regression fit_logistic finds on the training images' pooled taps (all of
     # them set the int8 steps: fewer than INT8_STEP_IMAGES)
     y = np.array([r.label for r in ds.records])
     assert len(split.train) <= INT8_STEP_IMAGES
-    taps = Taps([192, 112, 112], tap_int8_steps(model, split_inputs(read_run_config(run), "train").x))
+    taps = Taps([192, 112, 112], tap_int8_steps(model, RunFolder.open(run).split_part("train")[0].x))
     w, b = fit_logistic(result.features[split.train], y[split.train], taps)
     f = feature_extractor(model).predict(test.x.astype("float32"), verbose=0)
     assert np.allclose(p, 1 / (1 + np.exp(-(f @ w + b))), atol=1e-4)
@@ -174,9 +163,8 @@ def test_multilevel_run_with_context_serves_the_fitted_regression_and_explains_i
     assert np.allclose(prob, p, atol=1e-4)
 
 
+@pytest.mark.integration
 def test_multilevel_head_starts_fine_tuning_and_trains_from_scratch(tmp_path):
-    from tests.conftest import write_manifest
-
     ds = read_manifest(write_manifest(tmp_path / "data", patients=8))
     split = train_val_test_split(ds, test=0.25, val=0.25, seed=0)
     _, tuned = train(TrainConfig(size=64, alpha=0.35, head="multilevel", fine_tune_epochs=1, fine_tune_from="block_16"),
@@ -207,16 +195,14 @@ def test_unusable_splits_fail_before_training():
 
 
 def test_run_folder_appears_whole_or_not_at_all(tmp_path):
-    from ichedge.training import run_folder
-
     with pytest.raises(RuntimeError):
-        with run_folder(tmp_path, "evaluate") as folder:
+        with new_folder(tmp_path, "evaluate") as folder:
             (folder.tmp / "half.json").write_text("{")
             raise RuntimeError("interrupted")
     assert list(tmp_path.iterdir()) == []
-    with run_folder(tmp_path, "evaluate") as first:
+    with new_folder(tmp_path, "evaluate") as first:
         (first.tmp / "a.txt").write_text("a")
-    with run_folder(tmp_path, "evaluate") as second:
+    with new_folder(tmp_path, "evaluate") as second:
         (second.tmp / "b.txt").write_text("b")
     assert first.path != second.path and (first.path / "a.txt").read_text() == "a"
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([first.path.name, second.path.name])
@@ -224,16 +210,13 @@ def test_run_folder_appears_whole_or_not_at_all(tmp_path):
 
 def test_sigterm_removes_a_half_written_run_folder(tmp_path):
     """`kill` during a run must not leave a hidden temporary folder (the CLI installs this handler)."""
-    import subprocess
-    import sys
-
     code = (
         "import os, signal, sys\n"
         "from pathlib import Path\n"
         "from ichedge.cli import exit_cleanly_on_sigterm\n"
-        "from ichedge.training import run_folder\n"
+        "from ichedge.runs import new_folder\n"
         "exit_cleanly_on_sigterm()\n"
-        "with run_folder(Path(sys.argv[1]), 'run') as folder:\n"
+        "with new_folder(Path(sys.argv[1]), 'run') as folder:\n"
         "    (folder.tmp / 'half.txt').write_text('half')\n"
         "    os.kill(os.getpid(), signal.SIGTERM)\n"
         "    signal.pause()\n"

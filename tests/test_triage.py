@@ -9,10 +9,13 @@ from ichedge.cli import main
 from ichedge.data import read_manifest, train_val_test_split
 from ichedge.evaluation import evaluate_studies
 from ichedge.explain import GradCAM, intracranial_mask, mass_inside
-from ichedge.predict import Decision, Predictor, Source, gather_sources, prepare_sources, triage
+from ichedge.intake import Source, gather_sources, prepare_sources
 from ichedge.preprocess import Preprocessing
+from ichedge.runtimes import Predictor
+from ichedge.studies import group_labels, group_scores, study_score
+from ichedge.thresholds import Decision
 from ichedge.training import TrainConfig, train
-from ichedge.triage import SliceResult, build_worklist, group_labels, group_scores, study_score
+from ichedge.triage import SliceResult, build_worklist, triage
 from tests.conftest import PHI, ct_phantom, write_ct_dicom, write_dicom_manifest
 
 
@@ -73,7 +76,7 @@ def test_intracranial_mask_and_mass_inside():
 
 
 @pytest.fixture(scope="module")
-def dicom_run(tmp_path_factory):
+def dicom_run(tmp_path_factory):  # a training fixture: conftest marks its tests integration
     """A three-window model trained on synthetic DICOM: the mode works from a DICOM manifest."""
     root = tmp_path_factory.mktemp("dicom")
     ds = read_manifest(write_dicom_manifest(root / "data", patients=12), windows=("brain", "subdural", "bone"))

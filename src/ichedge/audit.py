@@ -10,17 +10,19 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import imagehash
 import numpy as np
 from PIL import Image
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from ichedge.data import DataError, Dataset, Split
+from ichedge.data import DataError, Dataset, Split, train_val_test_split
 from ichedge.preprocess import record_windows
+from ichedge.report import write_audit_report
+from ichedge.runs import AUDIT, NEAR_DUPLICATES, new_folder, write_json
 
 HASH_SIZE = 16  # a 256-bit pHash: 64 bits cannot tell a neighbouring slice from another patient's
 DEFAULT_MAX_DISTANCE = 25  # of 256 bits; chosen on CT-ICH (README, "Leakage audit")
@@ -37,8 +39,6 @@ class Hashes:
 
 
 def hash_dataset(ds: Dataset, window: str = "brain") -> Hashes:
-    import imagehash
-
     indices, bits, digests, errors = [], [], [], []
     for i, r in enumerate(ds.records):
         try:
@@ -149,18 +149,14 @@ def write_pairs(path: Path, ds: Dataset, result: Audit) -> None:
 
 def run_audit(ds: Dataset, runs_root: Path, max_distance: int = DEFAULT_MAX_DISTANCE, seed: int = 0) -> tuple[Path, Audit]:
     """Audit ``ds`` and the split ichedge makes of it; write a new folder with pairs, JSON and report."""
-    from ichedge.data import train_val_test_split
-    from ichedge.report import write_audit_report
-    from ichedge.training import run_folder
-
     result = audit(ds, train_val_test_split(ds, seed=seed), max_distance)
-    with run_folder(Path(runs_root), "audit") as folder:
-        write_pairs(folder.tmp / "near_duplicates.csv", ds, result)
-        (folder.tmp / "audit.json").write_text(json.dumps({
+    with new_folder(runs_root, "audit") as folder:
+        write_pairs(folder.tmp / NEAR_DUPLICATES, ds, result)
+        write_json(folder.tmp / AUDIT, {
             "dataset": ds.summary(), "split_by": ds.split_unit,
             "max_distance": result.max_distance, "images": result.images,
             "exact_duplicate_groups": [[str(ds.records[i].path) for i in g] for g in result.exact_groups],
             "near_duplicate_pairs": int(len(result.pairs)), "split_leaks": result.split_leaks,
-            "errors": result.errors}, indent=2))
+            "errors": result.errors})
         write_audit_report(folder.tmp, ds, result)
     return folder.path, result

@@ -1,38 +1,50 @@
-"""`ichedge` command line: parses arguments and calls the Python API, nothing else."""
+"""The `ichedge` commands: parse arguments and call the Python API, nothing else.
+
+:mod:`ichedge.cli` imports this module once output is configured (it loads TensorFlow).
+"""
 
 from __future__ import annotations
 
 import argparse
-import logging
-import signal
 import sys
-import warnings
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 
-from ichedge.audit import DEFAULT_MAX_DISTANCE
-from ichedge.data import DataError
-from ichedge.preprocess import CHANNEL_MODES
+import keras
+
+from ichedge.audit import DEFAULT_MAX_DISTANCE, audit, group_by_clusters, run_audit
+from ichedge.channels import CHANNEL_MODES
+from ichedge.data import DataError, Dataset, read_dataset, train_val_test_split
+from ichedge.evaluate import evaluate_model
+from ichedge.explain import GradCAM
+from ichedge.export import export_run
+from ichedge.heads import HEADS
+from ichedge.intake import gather_sources, prepare_sources
+from ichedge.output import progress_wanted
+from ichedge.profiling import format_profile, profile_run
+from ichedge.report import interval
+from ichedge.runs import NEAR_DUPLICATES, REPORT, RESULTS, WORKLIST, ExportFolder, RunFolder, keras_model_file
+from ichedge.runtimes import Predictor
+from ichedge.service import BACKENDS, MIB, Limits, serve
+from ichedge.studies import AGGREGATES
+from ichedge.sweep import PAPER_GRID, parse_grid, run_sweep
 from ichedge.tflm import TFLMError
-from ichedge.triage import AGGREGATES
+from ichedge.training import TrainConfig, train
+from ichedge.triage import triage, write_triage
 
 
 def _config_args(p: argparse.ArgumentParser, single: bool) -> None:
-    from ichedge.model import HEADS
-    from ichedge.training import TrainConfig
-
     d = TrainConfig()
     p.add_argument("--data", type=Path, help="CSV manifest, folder with labels.csv, or class folders (default: bundled CT-ICH)")
     if single:
         p.add_argument("--size", type=int, default=d.size, help="input resolution rho (square)")
         p.add_argument("--alpha", type=float, default=d.alpha, help="MobileNetV2 width multiplier")
-    p.add_argument("--channels", choices=CHANNEL_MODES, default=d.channels,
-                   help="gray: brain window x3; brain-bone: brain, bone, mean; three-window: brain, "
-                        "subdural, bone (DICOM data); 2.5d: slices below, at, above")
+    p.add_argument("--channels", choices=CHANNEL_MODES.names(), default=d.channels,
+                   help="; ".join(f"{m.name}: {m.help}" for m in CHANNEL_MODES))
     p.add_argument("--no-crop", dest="crop", action="store_false", help="keep the full frame (default: crop to the head)")
     p.add_argument("--trim", action="store_true",
                    help="drop the backbone's last 1x1 conv (1280 channels): about a third smaller at alpha 0.35")
-    p.add_argument("--head", choices=HEADS, default=d.head,
+    p.add_argument("--head", choices=HEADS.names(), default=d.head,
                    help="paper: pooled last map -> Dense(neurons) -> dropout -> output; multilevel: logistic "
                         "regression on pooled block_13 and block_16 features (frozen backbone: fitted, so "
                         "--neurons, --dropout, --epochs and --learning-rate do not apply)")
@@ -55,7 +67,7 @@ def _config_args(p: argparse.ArgumentParser, single: bool) -> None:
                         "needs patient IDs and slice numbers)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--runs", type=Path, default=Path("runs"), help="folder that receives new run folders")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--quiet", action="store_true", help="no progress bars (drawn only on a terminal anyway)")
     _grouping_args(p)
 
 
@@ -66,15 +78,11 @@ def _grouping_args(p: argparse.ArgumentParser) -> None:
                    help="no patient IDs: keep near-duplicate clusters together in splits (pHash; see `ichedge audit`)")
 
 
-def _config(args: argparse.Namespace):
-    from ichedge.training import TrainConfig
-
+def _config(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)})
 
 
-def _dataset(args: argparse.Namespace, config):
-    from ichedge.data import read_dataset
-
+def _dataset(args: argparse.Namespace, config: TrainConfig) -> Dataset:
     ds = read_dataset(args.data, config.preprocessing.windows)
     print(ds.summary())
     for note in ds.notes:
@@ -82,17 +90,13 @@ def _dataset(args: argparse.Namespace, config):
     return _grouped(ds, args)
 
 
-def _grouped(ds, args: argparse.Namespace):
+def _grouped(ds: Dataset, args: argparse.Namespace) -> Dataset:
     """Apply --split-by slice or --group-by-near-duplicates, loudly."""
-    from dataclasses import replace
-
     if args.split_by == "slice":
         print("WARNING: SPLIT BY SLICE: patient IDs ignored, one patient's slices land in training and test; "
               "every metric will be inflated (use only to measure the leak)")
         return replace(ds, has_patients=False, name=ds.name + " [split by slice]")
     if args.group_by_near_duplicates:
-        from ichedge.audit import audit, group_by_clusters
-
         result = audit(ds)
         print(f"grouping by {len(set(result.clusters[result.clusters >= 0]))} near-duplicate clusters (not patients)")
         return group_by_clusters(ds, result.clusters)
@@ -100,13 +104,10 @@ def _grouped(ds, args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from ichedge.data import train_val_test_split
-    from ichedge.training import train
-
     config = _config(args)
     ds = _dataset(args, config)
     split = train_val_test_split(ds, seed=config.seed)
-    run, result = train(config, ds, split, args.runs, progress=not args.quiet)
+    run, result = train(config, ds, split, args.runs, progress=progress_wanted(args.quiet))
     if not result.weights.pretrained:
         print(f"WARNING: RANDOM WEIGHTS: {result.weights.note}")
     d, hs = result.metrics["default"], result.metrics["high_sensitivity"]
@@ -129,49 +130,38 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from ichedge.sweep import PAPER_GRID, parse_grid, run_sweep
-
     config = _config(args)
     grid = parse_grid(args.grid) if args.grid else list(PAPER_GRID)
     ds = _dataset(args, config)
     out, _ = run_sweep(config, ds, grid, folds=args.folds, seed=config.seed, runs_root=args.runs,
-                       progress=not args.quiet, profile=args.profile)
-    print((out / "results.md").read_text())
+                       progress=progress_wanted(args.quiet), profile=args.profile)
+    print((out / f"{RESULTS}.md").read_text())
     print(f"sweep folder: {out}")
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from ichedge.export import export_run
-
     result = export_run(args.run, calibration_images=args.calibration_images)
     for name, path in result.files.items():
         print(f"{name:>9}: {path} ({path.stat().st_size / 1024:.1f} KiB)")
-    print(f"model card: {result.folder / 'model_card.md'}")
+    print(f"model card: {ExportFolder(result.folder).card_markdown}")
     return 0
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
-    from ichedge.profiling import latest_export, format_profile, profile_run
-
-    profile = profile_run(args.run, args.export, runs=args.runs_latency)
+    export = ExportFolder(args.export) if args.export else RunFolder.open(args.run).latest_export()
+    profile = profile_run(args.run, export.path, runs=args.runs_latency)
     print(format_profile(profile))
-    print(f"profile: {Path(args.export or latest_export(args.run)) / 'profile.json'}")
+    print(f"profile: {export.profile_file}")
     return 0
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from ichedge.predict import Predictor, gather_sources, keras_model_path, prepare_sources, triage, write_triage
-
     explain = "all" if args.explain_all else "flagged" if args.explain else "none"
     predictor = Predictor.load(args.model)
     explainer = None
     if explain != "none":
-        import keras
-
-        from ichedge.explain import GradCAM
-
-        explainer = GradCAM(keras.models.load_model(keras_model_path(args.model)))
+        explainer = GradCAM(keras.models.load_model(keras_model_file(args.model)))
     sources, missing = gather_sources(args.paths)
     prepared = prepare_sources(sources, predictor.preprocessing)
     prepared.errors[:0] = missing
@@ -185,13 +175,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
         print(f"  skipped: {e}")
     for note in result.notes:
         print(f"  note: {note}")
-    print(f"worklist: {folder / 'worklist.csv'}")
+    print(f"worklist: {folder / f'{WORKLIST}.csv'}")
     return 0 if result.slices or not result.errors else 2
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from ichedge.service import MIB, Limits, serve
-
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"WARNING: listening on {args.host}: anyone who can reach this machine can upload scans")
     limits = Limits(max_files=args.max_files, max_file_bytes=int(args.max_file_mb * MIB))
@@ -202,24 +190,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    from ichedge.audit import run_audit
-    from ichedge.data import read_dataset
-
     ds = _grouped(read_dataset(args.data), args)
     print(ds.summary())
     folder, result = run_audit(ds, args.runs, args.max_distance, args.seed)
     print(result.summary())
     for e in result.errors:
         print(f"  skipped: {e}")
-    print(f"audit folder: {folder} (near_duplicates.csv, report.html)")
+    print(f"audit folder: {folder} ({NEAR_DUPLICATES}, {REPORT})")
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from ichedge.evaluation import evaluate_model
-    from ichedge.report import interval
-
-    folder, m = evaluate_model(args.model, args.data, args.runs, progress=not args.quiet, unseen_only=args.unseen_only)
+    folder, m = evaluate_model(args.model, args.data, args.runs, progress=progress_wanted(args.quiet),
+                               unseen_only=args.unseen_only)
     print(m["dataset"])
     ci = m["intervals"]
     print(f"AUC {interval(ci['default']['auc'])}  (95% CI, resampling {ci['resampled']})")
@@ -242,17 +225,25 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if m["slices_seen_in_training"]:
         print(f"WARNING: {m['slices_seen_in_training']} slices were in the model's training or validation split: "
               "inflated (--unseen-only leaves them out)")
-    print(f"report: {folder / 'report.html'}")
+    print(f"report: {folder / REPORT}")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ichedge", description="Intracranial hemorrhage detection on head CT for edge devices")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--verbose", action="store_true",
+                        help="show TensorFlow's start-up lines and the frameworks' messages (hidden by default)")
+    parser = argparse.ArgumentParser(prog="ichedge", parents=[common],
+                                     description="Intracranial hemorrhage detection on head CT for edge devices")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("train", help="train and evaluate one configuration on a patient-level split")
+
+    def command(name: str, **kwargs) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[common], **kwargs)  # every command takes --verbose
+
+    p = command("train", help="train and evaluate one configuration on a patient-level split")
     _config_args(p, single=True)
     p.set_defaults(func=cmd_train)
-    p = sub.add_parser("sweep", help="train a grid of (rho, alpha) configurations; paper-style table")
+    p = command("sweep", help="train a grid of (rho, alpha) configurations; paper-style table")
     _config_args(p, single=False)
     p.add_argument("--grid", help="SIZExALPHA list, e.g. 96x0.35,160x0.5 (default: the paper's five)")
     p.add_argument("--cv", type=int, nargs="?", const=5, default=1, metavar="K", dest="folds",
@@ -260,16 +251,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", action="store_true",
                    help="export and profile each configuration (first fold): flash, arena, latency, int8 AUC")
     p.set_defaults(func=cmd_sweep)
-    p = sub.add_parser("export", help="write float32 and int8 .tflite, a C array and a model card for a run")
+    p = command("export", help="write float32 and int8 .tflite, a C array and a model card for a run")
     p.add_argument("run", type=Path, help="run folder")
     p.add_argument("--calibration-images", type=int, default=200, help="training-split images for int8 calibration")
     p.set_defaults(func=cmd_export)
-    p = sub.add_parser("profile", help="parameters, MACs, flash, TFLM arena, latency and int8-vs-float accuracy")
+    p = command("profile", help="parameters, MACs, flash, TFLM arena, latency and int8-vs-float accuracy")
     p.add_argument("run", type=Path, help="run folder (exported)")
     p.add_argument("--export", type=Path, help="export folder (default: the run's latest)")
     p.add_argument("--runs-latency", type=int, default=50, help="timed inferences after warm-up (at least 50)")
     p.set_defaults(func=cmd_profile)
-    p = sub.add_parser("predict", help="score PNG/JPEG slices and DICOM series; study worklist by urgency")
+    p = command("predict", help="score PNG/JPEG slices and DICOM series; study worklist by urgency")
     p.add_argument("paths", nargs="+", type=Path, help="image or DICOM files, or folders (searched recursively)")
     p.add_argument("--model", type=Path, required=True, help="run folder, .keras, or exported .tflite")
     p.add_argument("--explain", action="store_true", help="Grad-CAM overlay (PNG) of each flagged slice")
@@ -279,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "studies only; it raised slice AUC but not study AUC on CT-ICH")
     p.add_argument("--out", type=Path, default=Path("runs"), help="folder that receives the new results folder")
     p.set_defaults(func=cmd_predict)
-    p = sub.add_parser("audit", help="exact and near-duplicate images, and near twins across a split")
+    p = command("audit", help="exact and near-duplicate images, and near twins across a split")
     p.add_argument("data", nargs="?", type=Path, help="dataset (default: bundled CT-ICH)")
     p.add_argument("--max-distance", type=int, default=DEFAULT_MAX_DISTANCE,
                    help="pHash Hamming distance (of 256 bits) for near duplicates")
@@ -287,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", type=Path, default=Path("runs"))
     _grouping_args(p)
     p.set_defaults(func=cmd_audit)
-    p = sub.add_parser("evaluate", help="a trained or exported model on any dataset: metrics, 95% CIs, report")
+    p = command("evaluate", help="a trained or exported model on any dataset: metrics, 95%% CIs, report")
     p.add_argument("model", type=Path, help="run folder, .keras or .tflite")
     p.add_argument("data", nargs="?", type=Path, help="dataset (default: bundled CT-ICH)")
     p.add_argument("--runs", type=Path, default=Path("runs"))
@@ -295,9 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="leave out the slices of the model's own training and validation patients")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_evaluate)
-    p = sub.add_parser("serve", help="triage web service: JSON API and a browser page")
+    p = command("serve", help="triage web service: JSON API and a browser page")
     p.add_argument("--model", type=Path, required=True, help="run folder (serves its latest export), .tflite or .keras")
-    p.add_argument("--backend", choices=("int8", "float32", "keras"), default="int8", help="for a run folder")
+    p.add_argument("--backend", choices=BACKENDS, default="int8", help="for a run folder")
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-files", type=int, default=256, help="files per request")
@@ -308,30 +299,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def exit_cleanly_on_sigterm() -> None:
-    """Turn SIGTERM (``kill``, a job scheduler, a container stop) into SystemExit.
-
-    Python's default SIGTERM ends the process without unwinding, so the cleanup of a
-    half-written run or export folder never ran and a hidden temporary folder stayed behind.
-    """
-    def stop(signum: int, frame: object) -> None:
-        raise SystemExit(128 + signum)
-
-    signal.signal(signal.SIGTERM, stop)
-
-
-def main(argv: list[str] | None = None) -> int:
+def run(argv: list[str]) -> int:
+    """Parse ``argv`` and run the command; a problem with the user's input exits 2 with one line."""
     args = build_parser().parse_args(argv)
-    exit_cleanly_on_sigterm()
-
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
-    warnings.filterwarnings("ignore", module="keras")  # framework chatter, not about the user's data
     try:
         return args.func(args)
     except (DataError, TFLMError, OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

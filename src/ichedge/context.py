@@ -9,19 +9,27 @@ neighbours, the study's top-3 mean and mean logits, and its relative position in
 (and that squared). A balanced logistic regression combines them: ten weights and a bias, a few
 lines of C after the network on a device that keeps a study's slice scores.
 
-It must be fitted on *out-of-fold* slice probabilities (:func:`ichedge.training.fit` retrains
+It must be fitted on *out-of-fold* slice probabilities (:func:`ichedge.training.fit` refits
 the head on inner patient folds of the training split), never on probabilities the head was
 trained on, or it learns to trust slice scores more than unseen patients deserve.
+
+A study stage declares what it needs (:attr:`SliceContext.needs`), fits on slice scores,
+applies to them, and serialises to JSON; stages register in :data:`STAGES`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from typing import ClassVar
 
 import numpy as np
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
+
+from ichedge.registry import Registry
+
+STAGES: Registry[type] = Registry("study stage")
 
 FEATURES = ("logit", "logit_below", "logit_above", "logit_below2", "logit_above2", "logit_adjacent_max",
             "study_top3", "study_mean", "position", "position_squared")
@@ -58,9 +66,18 @@ def context_features(probs: np.ndarray, groups: Sequence, order: Sequence[float]
     return out
 
 
+@STAGES.register("context")
 @dataclass(frozen=True)
 class SliceContext:
-    """A fitted context model: standardisation and logistic-regression weights over :data:`FEATURES`."""
+    """A fitted context model: standardisation and logistic-regression weights over :data:`FEATURES`.
+
+    Interface of a study stage: ``fit(probs, y, groups, order)`` on out-of-fold slice
+    probabilities, ``apply(probs, groups, order)`` -> re-scored probabilities, ``to_json`` /
+    ``from_json``; it needs each slice's study (``groups``) and position in it (``order``).
+    """
+
+    name: ClassVar[str] = "context"
+    needs: ClassVar[frozenset[str]] = frozenset({"patients", "slice_order"})
 
     mean: tuple[float, ...]
     scale: tuple[float, ...]

@@ -1,4 +1,8 @@
-"""Metrics the paper reports and the ones a clinician needs, thresholds, intervals, calibration, plots.
+"""Metrics the paper reports and the ones a clinician needs, thresholds, intervals, calibration.
+
+The pure core: numbers in, numbers out, no files and no Keras. Plots are in :mod:`ichedge.plots`,
+HTML reports in :mod:`ichedge.report`, and evaluating a saved model on a dataset in
+:mod:`ichedge.evaluate`.
 
 The paper's columns are loss, accuracy and the TP/FP/FN/TN rates *within each true class*
 (TP rate = TP/(TP+FN), FP rate = FP/(FP+TN), ...). ichedge adds sensitivity, specificity, PPV,
@@ -9,12 +13,17 @@ validation split (never on the test split).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from pathlib import Path
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
-from sklearn.metrics import confusion_matrix, log_loss, precision_recall_curve, roc_auc_score, roc_curve
+from scipy.optimize import minimize_scalar
+from sklearn.metrics import confusion_matrix, log_loss, roc_auc_score, roc_curve
 
-from ichedge.triage import study_arrays
+from ichedge.studies import study_arrays
+
+if TYPE_CHECKING:  # annotations only: the core stays free of Keras and of run folders
+    from ichedge.thresholds import Decision
 
 
 def _ratio(a: float, b: float) -> float:
@@ -211,8 +220,6 @@ def _logit(p: np.ndarray) -> np.ndarray:
 
 def fit_temperature(y: np.ndarray, p: np.ndarray) -> float:
     """Temperature T minimising the log loss of sigmoid(logit(p) / T); fit it on validation."""
-    from scipy.optimize import minimize_scalar
-
     z, y = _logit(p), np.asarray(y, dtype=float)
 
     def nll(log_t: float) -> float:
@@ -237,213 +244,48 @@ def calibration(y_val: np.ndarray, p_val: np.ndarray, y_test: np.ndarray, p_test
             "ece_after_temperature": expected_calibration_error(y_test, apply_temperature(p_test, t))}
 
 
-# --- plots ------------------------------------------------------------------------------------
+# --- a model's figures at its own thresholds ----------------------------------------------------
 
 
-def _pyplot():
-    import matplotlib
+@dataclass(frozen=True)
+class Evaluation:
+    """A model's figures on labelled slices at the thresholds it was validated with.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path: Path) -> None:
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    _pyplot().close(fig)
-
-
-def plot_history(history: Mapping[str, Sequence[float]], path: Path) -> None:
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
-    epochs = np.arange(1, len(history["loss"]) + 1)
-    for ax, metric in zip(axes, ("loss", "auc")):
-        for prefix, style in (("", "-"), ("val_", "--")):
-            key = prefix + metric
-            if key in history:
-                ax.plot(epochs, history[key], style, label="validation" if prefix else "training")
-        ax.set_xlabel("epoch")
-        ax.set_title(metric)
-        ax.legend()
-    if "phase" in history and len(set(history["phase"])) > 1:
-        first_ft = list(history["phase"]).index("fine-tune") + 0.5
-        for ax in axes:
-            ax.axvline(first_ft, color="grey", lw=0.8)
-    _save(fig, path)
-
-
-def plot_confusion(m: Mapping[str, float], path: Path, title: str) -> None:
-    plt = _pyplot()
-    cm = np.array([[m["tn"], m["fp"]], [m["fn"], m["tp"]]])
-    fig, ax = plt.subplots(figsize=(3.8, 3.4))
-    ax.imshow(cm, cmap="Blues")
-    for (i, j), v in np.ndenumerate(cm):
-        ax.text(j, i, str(v), ha="center", va="center", color="black")
-    ax.set_xticks([0, 1], ["normal", "hemorrhage"])
-    ax.set_yticks([0, 1], ["normal", "hemorrhage"])
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(title, fontsize=9)
-    _save(fig, path)
-
-
-def plot_pr(y: np.ndarray, p: np.ndarray, points: Mapping[str, Mapping[str, float]], path: Path) -> None:
-    """Precision-recall curve with the operating points marked (the 1:7 imbalance shows here)."""
-    plt = _pyplot()
-    precision, recall, _ = precision_recall_curve(y, p)
-    fig, ax = plt.subplots(figsize=(4, 4))
-    ax.plot(recall, precision, label="precision-recall")
-    ax.axhline(np.mean(y), ls=":", color="grey", label=f"prevalence {np.mean(y):.2f}")
-    for name, m in points.items():
-        if not np.isnan(m["ppv"]):
-            ax.plot(m["sensitivity"], m["ppv"], "o", label=f"{name} (t={m['threshold']:.2f})")
-    ax.set_xlabel("recall (sensitivity)")
-    ax.set_ylabel("precision (PPV)")
-    ax.set_ylim(0, 1.02)
-    ax.legend(loc="upper right", fontsize=8)
-    _save(fig, path)
-
-
-def plot_reliability(y: np.ndarray, p: np.ndarray, path: Path, temperature: float | None = None, bins: int = 10) -> None:
-    """Observed hemorrhage rate against mean probability per bin, raw and temperature-scaled."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(4, 4))
-    ax.plot([0, 1], [0, 1], ":", color="grey")
-    curves = [("raw", p)] + ([(f"T = {temperature:.2f}", apply_temperature(p, temperature))] if temperature else [])
-    for name, q in curves:
-        which = np.minimum((np.asarray(q) * bins).astype(int), bins - 1)
-        xs = [q[which == b].mean() for b in range(bins) if (which == b).any()]
-        ys = [np.mean(y[which == b]) for b in range(bins) if (which == b).any()]
-        ax.plot(xs, ys, "o-", label=f"{name}: ECE {expected_calibration_error(y, q, bins):.3f}")
-    ax.set_xlabel("mean predicted probability")
-    ax.set_ylabel("observed hemorrhage rate")
-    ax.legend(loc="upper left", fontsize=8)
-    _save(fig, path)
-
-
-def plot_roc(y: np.ndarray, p: np.ndarray, points: Mapping[str, Mapping[str, float]], path: Path) -> None:
-    plt = _pyplot()
-    fpr, tpr, _ = roc_curve(y, p)
-    fig, ax = plt.subplots(figsize=(4, 4))
-    ax.plot(fpr, tpr, label=f"AUC {roc_auc_score(y, p):.3f}")
-    ax.plot([0, 1], [0, 1], ":", color="grey")
-    for name, m in points.items():
-        ax.plot(m["fp_rate"], m["tp_rate"], "o", label=f"{name} (t={m['threshold']:.2f})")
-    ax.set_xlabel("1 - specificity")
-    ax.set_ylabel("sensitivity")
-    ax.legend(loc="lower right", fontsize=8)
-    _save(fig, path)
-
-
-# --- a trained model on any dataset ---------------------------------------------------------------
-
-
-def training_run_of(model: Path) -> Path | None:
-    """The run folder a model came from (a run folder, its .keras, or a .tflite in its export)."""
-    for candidate in (model, model.parent, model.parent.parent):
-        if candidate.is_dir() and (candidate / "config.json").is_file() and (candidate / "model.keras").is_file():
-            return candidate
-    return None
-
-
-def evaluate_model(model: str | Path, data: str | Path | None, out_root: Path = Path("runs"), progress: bool = False,
-                   n_boot: int = 2000, unseen_only: bool = False) -> tuple[Path, dict]:
-    """Evaluate a trained or exported model on any dataset the readers accept, without retraining.
-
-    Thresholds are the model's own (0.5 and the validated high-sensitivity one), never re-chosen
-    on the data evaluated. Slices the model was trained or validated on are counted, and the
-    report says so in a banner; ``unseen_only`` leaves them out instead.
+    ``metrics`` holds the operating points (``default`` at 0.5, ``high_sensitivity`` at the
+    validated threshold), ``intervals``, ``calibration``, ``study_high_sensitivity`` where
+    patients are known, and the same prefixed ``context_`` for a model with a slice-context
+    stage; ``notes`` says what could not be computed and why.
     """
-    import csv
-    import json
 
-    from ichedge.data import read_dataset
-    from ichedge.predict import Predictor, read_run_config
-    from ichedge.preprocess import load_inputs, patient_groups, slice_order
-    from ichedge.report import Report, metric_rows
-    from ichedge.training import run_folder
+    y: np.ndarray
+    p: np.ndarray
+    metrics: dict
+    notes: list[str] = field(default_factory=list)
 
-    model = Path(model)
-    predictor = Predictor.load(model)
-    decision = predictor.decision
-    if decision is None:
-        raise ValueError(f"{model}: no validated thresholds recorded with this model")
-    ds = read_dataset(data, predictor.preprocessing.windows)
-    run = training_run_of(model)
-    used: set[str] = set()
-    if run is not None:
-        meta = read_run_config(run)
-        if str(meta["dataset"]["source"]) == str(ds.source):
-            used = set(meta["split"]["train"]) | set(meta["split"]["val"])
-    wanted = [i for i, r in enumerate(ds.records) if not (unseen_only and r.key in used)]
-    inputs = load_inputs(ds, predictor.preprocessing, wanted, progress=progress)
-    if len(inputs.y) == 0:
-        raise ValueError(f"{ds.name}: no readable image" + (" the model has not seen" if unseen_only else ""))
-    p = predictor.predict(inputs.x)
-    y = inputs.y
-    groups = patient_groups(ds, inputs)
-    metrics: dict = {"default": binary_metrics(y, p, 0.5),
-                     "high_sensitivity": binary_metrics(y, p, decision.slice_threshold)}
-    metrics["intervals"] = intervals(y, p, groups, {"default": 0.5, "high_sensitivity": decision.slice_threshold}, n_boot)
+
+def evaluate(y: np.ndarray, p: np.ndarray, decision: Decision, groups: np.ndarray | None = None,
+             order: np.ndarray | None = None, n_boot: int = 2000) -> Evaluation:
+    """Score probabilities ``p`` of slices labelled ``y`` at ``decision``'s thresholds, never
+    re-chosen on these data. ``groups`` (patients) adds study metrics and patient-resampled
+    intervals; with ``order`` (slice numbers) too, a slice-context stage is applied."""
+    metrics = _at_thresholds(y, p, decision.slice_threshold, decision.study_threshold, decision.study_aggregate,
+                             groups, n_boot)
     metrics["calibration"] = {"ece": expected_calibration_error(y, p)}
-    if groups is not None:
-        metrics["study_high_sensitivity"] = binary_metrics(
-            *study_arrays(groups, y, p, decision.study_aggregate), decision.study_threshold)
-    order = slice_order(ds, inputs)
-    context_note = None
+    notes = []
     if decision.context is not None and (groups is None or order is None):
-        context_note = "the model's slice context not applied: the data has no patient IDs and slice numbers"
+        notes.append("the model's slice context not applied: the data has no patient IDs and slice numbers")
     elif decision.context is not None:
         c = decision.context
-        pc = c.model.apply(p, groups, order)
-        metrics["context_default"] = binary_metrics(y, pc, 0.5)
-        metrics["context_high_sensitivity"] = binary_metrics(y, pc, c.slice_threshold)
-        metrics["context_intervals"] = intervals(y, pc, groups, {"default": 0.5, "high_sensitivity": c.slice_threshold},
-                                                 n_boot)
-        metrics["context_study_high_sensitivity"] = binary_metrics(
-            *study_arrays(groups, y, pc, decision.study_aggregate), c.study_threshold)
+        scored = _at_thresholds(y, c.model.apply(p, groups, order), c.slice_threshold, c.study_threshold,
+                                decision.study_aggregate, groups, n_boot)
+        metrics.update({f"context_{k}": v for k, v in scored.items()})
+    return Evaluation(np.asarray(y), np.asarray(p), metrics, notes)
 
-    banners = []
-    seen = sum(ds.records[i].key in used for i in inputs.indices)
-    if seen:
-        banners.append(f"{seen} of {len(y)} slices were in this model's training or validation split: these numbers "
-                       "are inflated; evaluate with --unseen-only (the run's test patients) or on other data.")
-    if not ds.has_patients:
-        banners.append("No patient IDs: intervals resample images, so they are too narrow, and any near-duplicate "
-                       "slices of training patients inflate the result (run `ichedge audit`).")
 
-    with run_folder(Path(out_root), "evaluate") as folder:
-        (folder.tmp / "plots").mkdir()
-        points = {"0.5": metrics["default"], "high-sensitivity": metrics["high_sensitivity"]}
-        if len(set(y.tolist())) == 2:
-            plot_roc(y, p, points, folder.tmp / "plots" / "roc.png")
-            plot_pr(y, p, points, folder.tmp / "plots" / "precision_recall.png")
-        plot_reliability(y, p, folder.tmp / "plots" / "reliability.png")
-        plot_confusion(metrics["high_sensitivity"], folder.tmp / "plots" / "confusion_high_sensitivity.png",
-                       f"threshold {decision.slice_threshold:.3f} (the model's validated one)")
-        summary = {"model": str(model), "kind": predictor.kind, "dataset": ds.summary(), "source": str(ds.source),
-                   "slices_seen_in_training": seen, "skipped_images": inputs.errors, "decision": decision.to_json()}
-        if context_note:
-            summary["context_note"] = context_note
-        (folder.tmp / "metrics.json").write_text(json.dumps({**summary, **metrics}, indent=2, default=str))
-        with (folder.tmp / "predictions.csv").open("w", newline="") as fh:
-            w = csv.writer(fh)
-            w.writerow(["file", "patient", "label", "probability"])
-            for i, label, prob in zip(inputs.indices, y, p):
-                r = ds.records[i]
-                w.writerow([r.path, r.patient or "", int(label), f"{prob:.6f}"])
-        report = Report(f"Evaluation of {model.name} on {ds.name}", banners=banners)
-        report.paragraph(f"{ds.summary()}. Model: {predictor.kind}, thresholds as validated at training "
-                         f"(slice {decision.slice_threshold:.3f}; study: {decision.study_aggregate} of slices >= "
-                         f"{decision.study_threshold:.3f}). 95% intervals resample {metrics['intervals']['resampled']}.")
-        report.table(metric_rows(metrics))
-        report.paragraph(f"Calibration: ECE {metrics['calibration']['ece']:.3f}.")
-        report.plots(sorted((folder.tmp / "plots").glob("*.png")))
-        report.code(summary)
-        card = predictor.source.parent / "model_card.md"
-        if card.is_file():
-            report.link("model card", card.resolve().as_uri())
-        report.write(folder.tmp / "report.html", ds.credit)
-    return folder.path, {**summary, **metrics}
+def _at_thresholds(y: np.ndarray, p: np.ndarray, slice_threshold: float, study_threshold: float, aggregate: str,
+                   groups: np.ndarray | None, n_boot: int) -> dict:
+    out: dict = {"default": binary_metrics(y, p, 0.5), "high_sensitivity": binary_metrics(y, p, slice_threshold)}
+    out["intervals"] = intervals(y, p, groups, {"default": 0.5, "high_sensitivity": slice_threshold}, n_boot)
+    if groups is not None:
+        out["study_high_sensitivity"] = binary_metrics(*study_arrays(groups, y, p, aggregate), study_threshold)
+    return out

@@ -11,21 +11,24 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import keras
 import numpy as np
+import tensorflow as tf
+from ai_edge_litert.interpreter import Interpreter
 
-from ichedge.data import DataError
-from ichedge.model import describe_head, sha256
 from ichedge.context import SliceContext
-from ichedge.predict import (
-    LiteRTPredictor, preprocessing_of, read_run_config, run_thresholds, split_inputs, split_part,
-)
-from ichedge.training import finish_run_dir
+from ichedge.data import DataError
+from ichedge.evaluation import choose_thresholds
+from ichedge.heads import HEADS
+from ichedge.model import sha256
+from ichedge.output import native_output_silenced
+from ichedge.runs import C_ARRAY, CARD, EXPORT_MODELS, RunFolder, new_export
+from ichedge.runtimes import LiteRTPredictor
+from ichedge.thresholds import run_thresholds
 
 
 @dataclass
@@ -36,15 +39,13 @@ class ExportResult:
 
 
 def _converter(model):
-    import tensorflow as tf
-
     return tf.lite.TFLiteConverter.from_keras_model(model)
 
 
 def _convert(converter) -> bytes:
-    # The converter prints the model's whole signature, and warns that int8 input statistics are
-    # missing: they come from the representative dataset, so the warning is noise here.
-    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+    # The converter prints the model's whole signature (and its C++ side a line of settings), and
+    # warns that int8 input statistics are missing: they come from the representative dataset.
+    with contextlib.redirect_stdout(io.StringIO()), native_output_silenced(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Statistics for quantized inputs")
         return converter.convert()
 
@@ -55,8 +56,6 @@ def to_float_tflite(model) -> bytes:
 
 def to_int8_tflite(model, calibration: np.ndarray) -> bytes:
     """Full-integer quantisation with int8 input/output, calibrated on ``calibration`` images."""
-    import tensorflow as tf
-
     if len(calibration) == 0:
         raise DataError("no calibration images: the training split loaded nothing")
 
@@ -92,8 +91,6 @@ def c_array(data: bytes, name: str) -> tuple[str, str]:
 
 
 def quantization_of(model_bytes: bytes) -> dict:
-    from ai_edge_litert.interpreter import Interpreter
-
     it = Interpreter(model_content=model_bytes)
     (inp,), (out,) = it.get_input_details(), it.get_output_details()
     return {
@@ -104,26 +101,24 @@ def quantization_of(model_bytes: bytes) -> dict:
     }
 
 
-def calibration_sample(meta: dict, count: int, seed: int = 0) -> np.ndarray:
-    train = split_inputs(meta, "train").x
+def calibration_sample(run: RunFolder, count: int, seed: int = 0) -> np.ndarray:
+    train = run.split_part("train")[0].x
     rng = np.random.default_rng(seed)
     return train[rng.permutation(len(train))[:count]]
 
 
-def runtime_thresholds(meta: dict, files: dict[str, Path], thresholds: dict) -> dict[str, dict]:
+def runtime_thresholds(run: RunFolder, files: dict[str, Path], thresholds: dict) -> dict[str, dict]:
     """Slice and study thresholds chosen on the validation split with each exported model's own
     outputs: int8 arithmetic shifts probabilities (up to 0.61 on the demo run's test slices) while keeping
     their order, so the Keras model's thresholds do not carry over. 'int8-reference' is the
     arithmetic TFLM runs on a microcontroller; 'int8' what LiteRT's default kernels give. A slice-
     context stage gets its thresholds the same way, on the context scores of each runtime's outputs."""
-    from ichedge.evaluation import choose_thresholds
-
-    val, groups, order = split_part(meta, "val")
-    target, aggregate = meta["config"]["target_sensitivity"], thresholds["study_aggregate"]
+    val, groups, order = run.split_part("val")
+    target, aggregate = run.config["target_sensitivity"], thresholds["study_aggregate"]
     context = SliceContext.from_json(thresholds["context"]["model"]) if "context" in thresholds else None
     out = {}
     for file, reference in (("float32", False), ("int8", False), ("int8", True)):
-        predictor = LiteRTPredictor(files[file], preprocessing_of(meta), reference_kernels=reference)
+        predictor = LiteRTPredictor(files[file], run.preprocessing, reference_kernels=reference)
         p = predictor.predict(val.x)
         out[predictor.runtime] = choose_thresholds(val.y, p, groups, target, aggregate)
         if context is not None:
@@ -134,41 +129,31 @@ def runtime_thresholds(meta: dict, files: dict[str, Path], thresholds: dict) -> 
 
 def export_run(run_dir: str | Path, calibration_images: int = 200, seed: int = 0) -> ExportResult:
     """Write ``RUN_DIR/export`` (or ``export-N`` if taken): never overwrites an earlier export."""
-    import keras
-
-    run_dir = Path(run_dir)
-    meta = read_run_config(run_dir)
-    model = keras.models.load_model(run_dir / "model.keras")
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    tmp = Path(tempfile.mkdtemp(prefix=".export.", dir=run_dir))
-    try:
-        float_bytes = to_float_tflite(model)
-        int8_bytes = to_int8_tflite(model, calibration_sample(meta, calibration_images, seed))
-        files = {"float32": tmp / "model_float32.tflite", "int8": tmp / "model_int8.tflite",
-                 "c_header": tmp / "model_int8.h", "c_source": tmp / "model_int8.cc"}
+    run = RunFolder.open(run_dir)
+    model = keras.models.load_model(run.model_file)
+    metrics = run.metrics()
+    float_bytes = to_float_tflite(model)
+    int8_bytes = to_int8_tflite(model, calibration_sample(run, calibration_images, seed))
+    with new_export(run) as export:
+        files = {runtime: export.model_file(runtime) for runtime in EXPORT_MODELS}
+        files["c_header"], files["c_source"] = export.c_files
         files["float32"].write_bytes(float_bytes)
         files["int8"].write_bytes(int8_bytes)
-        header, source = c_array(int8_bytes, "model_int8")
+        header, source = c_array(int8_bytes, C_ARRAY)
         files["c_header"].write_text(header)
         files["c_source"].write_text(source)
-        card = model_card(run_dir, meta, metrics, int8_bytes, files, calibration_images)
-        card["thresholds"]["by_runtime"] = runtime_thresholds(meta, files, card["thresholds"])
-        (tmp / "model_card.json").write_text(json.dumps(card, indent=2))
-        (tmp / "model_card.md").write_text(model_card_markdown(card))
-        folder = finish_run_dir(tmp, run_dir / "export")
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return ExportResult(folder, {k: folder / p.name for k, p in files.items()}, card)
+        card = model_card(run, metrics, int8_bytes, files, calibration_images)
+        card["thresholds"]["by_runtime"] = runtime_thresholds(run, files, card["thresholds"])
+        export.card(card, model_card_markdown(card))
+    return ExportResult(export.folder, {k: export.folder / p.name for k, p in files.items()}, card)
 
 
-def model_card(run_dir: Path, meta: dict, metrics: dict, int8_bytes: bytes, files: dict[str, Path],
-               calibration: int) -> dict:
-    config = meta["config"]
-    thresholds = {"default": 0.5, **run_thresholds(run_dir)}
+def model_card(run: RunFolder, metrics: dict, int8_bytes: bytes, files: dict[str, Path], calibration: int) -> dict:
+    meta, config = run.meta, run.config
+    thresholds = {"default": 0.5, **run_thresholds(run)}
     return {
         "model": f"MobileNetV2 alpha {config['alpha']:g}, {config['size']}x{config['size']}, "
-                 + describe_head(config.get("head", "paper"), config["neurons"], config["dropout"], config.get("trim", False))
+                 + HEADS.get(config["head"]).describe(config["neurons"], config["dropout"], config["trim"])
                  + ("; then slice context over the study (thresholds.context)" if "context" in thresholds else ""),
         "task": "hemorrhage (any type) vs no hemorrhage on one axial head CT slice",
         "class_names": meta["class_names"],
@@ -204,7 +189,7 @@ def model_card_markdown(card: dict) -> str:
         f"- study: {card['thresholds']['study']:.4f} on the {card['thresholds']['study_aggregate']} aggregate of "
         "its slices' probabilities, chosen the same way on the validation patients",
         *([f"- slice context (neighbouring slices, study, position; weights under thresholds.context.model in "
-           f"model_card.json): slice {card['thresholds']['context']['high_sensitivity']:.4f}, study "
+           f"{CARD}): slice {card['thresholds']['context']['high_sensitivity']:.4f}, study "
            f"{card['thresholds']['context']['study']:.4f} on its scores"] if "context" in card["thresholds"] else []),
         "- the same choices on each exported model's own validation outputs (used when that model runs):",
         *(f"  - {rt}: slice {t['high_sensitivity']:.4f}" + (f", study {t['study']:.4f}" if "study" in t else "")

@@ -15,19 +15,13 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from PIL import Image
 from scipy import ndimage
+from tqdm.auto import tqdm
 
+from ichedge.channels import CHANNEL_MODES, NEXT, PREVIOUS, ChannelMode, channel_mode
 from ichedge.data import DICOM_KEY, DataError, Dataset, Record, read_image
 from ichedge.dicom import read_ct_slice, windowed
 
 log = logging.getLogger(__name__)
-
-CHANNEL_MODES = ("gray", "brain-bone", "three-window", "2.5d")
-WINDOWS_FOR_MODE = {
-    "gray": ("brain",),
-    "brain-bone": ("brain", "bone"),
-    "three-window": ("brain", "subdural", "bone"),  # needs HU, i.e. DICOM input
-    "2.5d": ("brain",),
-}
 
 
 @dataclass(frozen=True)
@@ -40,17 +34,25 @@ class Preprocessing:
     normalisation: str = "pixels 0..255 in, rescaled to [-1, 1] inside the model"
 
     def __post_init__(self) -> None:
-        if self.channels not in CHANNEL_MODES:
-            raise ValueError(f"channel mode must be one of {CHANNEL_MODES}, got {self.channels!r}")
+        CHANNEL_MODES.get(self.channels)  # ValueError naming the modes
         if self.size < 32:
             raise ValueError(f"input size must be at least 32, got {self.size}")
 
     @property
+    def mode(self) -> ChannelMode:
+        return channel_mode(self.channels)
+
+    @property
     def windows(self) -> tuple[str, ...]:
-        return WINDOWS_FOR_MODE[self.channels]
+        return self.mode.windows
 
     def to_json(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> Preprocessing:
+        """From what :meth:`to_json` wrote (a run's config, a model card)."""
+        return cls(size=data["size"], channels=data["channels"], crop=data["crop"])
 
 
 def head_box(image: np.ndarray, threshold: float = 0.08, margin: float = 0.04) -> tuple[int, int, int, int]:
@@ -88,16 +90,7 @@ def prepare_slice(windows: dict[str, np.ndarray], pre: Preprocessing) -> np.ndar
     if pre.crop:  # one box, from the brain window of the slice itself, for every plane
         t, l, b, r = head_box(windows["brain"])
         windows = {k: v[t:b, l:r] for k, v in windows.items()}
-    brain = windows["brain"]
-    if pre.channels == "gray":
-        planes = [_resize(brain, pre.size)] * 3
-    elif pre.channels == "brain-bone":
-        planes = [_resize(windows[w], pre.size) for w in ("brain", "bone")]
-        planes.append((planes[0] + planes[1]) / 2)
-    elif pre.channels == "three-window":
-        planes = [_resize(windows[w], pre.size) for w in ("brain", "subdural", "bone")]
-    else:  # 2.5d: the slices above and below as the outer channels, as the RSNA 2019 winners did
-        planes = [_resize(windows[w], pre.size) for w in ("previous", "brain", "next")]
+    planes = pre.mode.planes(windows, lambda image: _resize(image, pre.size))
     return np.clip(np.stack(planes, axis=-1) * 255.0 + 0.5, 0, 255).astype(np.uint8)
 
 
@@ -114,10 +107,10 @@ def record_windows(record: Record, names: tuple[str, ...]) -> dict[str, np.ndarr
 def load_record(record: Record, pre: Preprocessing, neighbours: tuple[Record, Record] | None = None) -> np.ndarray:
     """One record as model input; 2.5d mode also needs the records of the slices around it."""
     windows = record_windows(record, pre.windows)
-    if pre.channels == "2.5d":
+    if "neighbours" in pre.mode.needs:
         if neighbours is None:
-            raise DataError(f"{record.path}: channel mode 2.5d needs the neighbouring slices")
-        for name, other in zip(("previous", "next"), neighbours):
+            raise DataError(f"{record.path}: channel mode {pre.channels} needs the neighbouring slices")
+        for name, other in zip((PREVIOUS, NEXT), neighbours):
             windows[name] = _neighbour_image(record, other, windows["brain"])
     try:
         return prepare_slice(windows, pre)
@@ -137,10 +130,10 @@ def _neighbour_image(record: Record, other: Record, own: np.ndarray) -> np.ndarr
     return image if image.shape == own.shape else own
 
 
-def neighbour_records(ds: Dataset) -> list[tuple[Record, Record]]:
+def neighbour_records(ds: Dataset, mode: str = "2.5d") -> list[tuple[Record, Record]]:
     """For each record, the records of the slices just below and above (itself at the ends)."""
     if not ds.has_slice_order:
-        raise DataError(f"{ds.name}: channel mode 2.5d needs patient IDs and slice numbers")
+        raise DataError(f"{ds.name}: channel mode {mode} needs patient IDs and slice numbers")
     by_key = {(r.patient, r.slice): r for r in ds.records}
     return [(by_key.get((r.patient, r.slice - 1), r), by_key.get((r.patient, r.slice + 1), r)) for r in ds.records]
 
@@ -157,10 +150,8 @@ class Loaded:
 
 def load_inputs(ds: Dataset, pre: Preprocessing, indices: Sequence[int] | None = None, progress: bool = False) -> Loaded:
     """Load and preprocess records; an unreadable image is reported and skipped, never fatal."""
-    from tqdm.auto import tqdm
-
     idx = range(len(ds)) if indices is None else indices
-    around = neighbour_records(ds) if pre.channels == "2.5d" else None
+    around = neighbour_records(ds, pre.channels) if "neighbours" in pre.mode.needs else None
     xs, kept, errors = [], [], []
     for i in tqdm(idx, desc="loading images", disable=not progress, leave=False):
         try:

@@ -8,22 +8,21 @@ float32 models with the Keras model on the run's own held-out test patients.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 import numpy as np
+from ai_edge_litert.interpreter import Interpreter
 
 from ichedge.data import DataError
 from ichedge.evaluation import binary_metrics
-from ichedge.predict import LiteRTPredictor, Predictor, read_run_config, split_inputs
+from ichedge.runs import ExportFolder, RunFolder
+from ichedge.runtimes import LiteRTPredictor, Predictor
 from ichedge.tflm import find_arena, run_tflm
 
 
 def count_macs(model_path: Path) -> int:
     """Multiply-accumulates of one inference, from the convolution and dense ops of a .tflite."""
-    from ai_edge_litert.interpreter import Interpreter
-
     it = Interpreter(model_path=str(model_path))
     shapes = {t["index"]: t["shape"] for t in it.get_tensor_details()}
     macs = 0
@@ -76,20 +75,20 @@ def tflm_agreement(int8: LiteRTPredictor, reference: LiteRTPredictor, x: np.ndar
 def profile_run(run_dir: str | Path, export_dir: str | Path | None = None, runs: int = 50,
                 tflm_images: int = 32) -> dict:
     """Profile an exported run: sizes, compute, TFLM memory and agreement, latency, accuracy."""
-    run_dir = Path(run_dir)
-    export = Path(export_dir) if export_dir else latest_export(run_dir)
-    meta = read_run_config(run_dir)
-    keras_p = Predictor.load(run_dir)
-    int8 = Predictor.load(export / "model_int8.tflite", num_threads=1)
-    int8_ref = Predictor.load(export / "model_int8.tflite", num_threads=1, reference_kernels=True)
-    flt = Predictor.load(export / "model_float32.tflite", num_threads=1)
-    test = split_inputs(meta, "test")
+    run = RunFolder.open(run_dir)
+    export = ExportFolder(Path(export_dir)) if export_dir else run.latest_export()
+    meta = run.meta
+    keras_p = Predictor.load(run.path)
+    int8 = Predictor.load(export.model_file("int8"), num_threads=1)
+    int8_ref = Predictor.load(export.model_file("int8"), num_threads=1, reference_kernels=True)
+    flt = Predictor.load(export.model_file("float32"), num_threads=1)
+    test = run.split_part("test")[0]
     arena = find_arena(int8.source)
     accuracy = {}
     for name, predictor in (("keras", keras_p), ("float32", flt), ("int8", int8), ("int8_reference", int8_ref)):
         accuracy[name] = _scores(predictor, test.x, test.y)
     profile = {
-        "run": run_dir.name, "export": export.name,
+        "run": run.path.name, "export": export.path.name,
         "config": {k: meta["config"][k] for k in ("size", "alpha", "channels")},
         "parameters": int(keras_p.model.count_params()),
         "macs": count_macs(int8.source),
@@ -102,21 +101,13 @@ def profile_run(run_dir: str | Path, export_dir: str | Path | None = None, runs:
         "accuracy": accuracy,
         "int8_auc_drop": accuracy["float32"]["auc"] - min(accuracy["int8"]["auc"], accuracy["int8_reference"]["auc"]),
     }
-    (export / "profile.json").write_text(json.dumps(profile, indent=2))
+    export.write_profile(profile)
     return profile
 
 
 def _scores(predictor: Predictor, x: np.ndarray, y: np.ndarray) -> dict[str, float]:
     m = binary_metrics(y, predictor.predict(x), 0.5)
     return {k: m[k] for k in ("auc", "accuracy", "sensitivity", "specificity", "loss")}
-
-
-def latest_export(run_dir: Path) -> Path:
-    exports = sorted((p for p in run_dir.glob("export*") if (p / "model_int8.tflite").is_file()),
-                     key=lambda p: p.stat().st_mtime)
-    if not exports:
-        raise DataError(f"{run_dir}: no export yet; run `ichedge export {run_dir}` first")
-    return exports[-1]
 
 
 def format_profile(p: dict) -> str:

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from ichedge import __version__
+from ichedge.runs import CARD_MARKDOWN, EXPORT, NEAR_DUPLICATES, PLOTS, REPORT
 
 STYLE = """
 body{font-family:system-ui,sans-serif;margin:0 auto;max-width:1100px;padding:1rem 1.5rem;color:#1d2330}
@@ -153,15 +154,16 @@ def write_run_report(folder: Path, meta: dict, metrics: dict) -> Path:
         cal = metrics["calibration"]
         r.paragraph(f"Calibration: ECE {cal['ece']:.3f} as output; {cal['ece_after_temperature']:.3f} after temperature "
                     f"scaling (T = {cal['temperature']:.2f}, fitted on validation; reported, not applied).")
-    r.plots(sorted((folder / "plots").glob("*.png")))
+    r.plots(sorted((folder / PLOTS).glob("*.png")))
     r.heading("Data and split")
     r.key_values({"dataset": meta["dataset"]["summary"], "split by": meta["dataset"]["split_by"],
                   "sizes": meta["dataset"]["sizes"], "skipped images": len(meta["dataset"]["skipped_images"]),
                   "weights": f"{meta['weights']['source']} {meta['weights'].get('note', '')}"})
     r.heading("Configuration")
     r.code({"config": c, "preprocessing": meta["preprocessing"]})
-    r.link("model card (after `ichedge export`; later exports are export-1, export-2, ...)", "export/model_card.md")
-    return r.write(folder / "report.html", meta["dataset"].get("credit", ""))
+    r.link(f"model card (after `ichedge export`; later exports are {EXPORT}-2, {EXPORT}-3, ...)",
+           f"{EXPORT}/{CARD_MARKDOWN}")
+    return r.write(folder / REPORT, meta["dataset"].get("credit", ""))
 
 
 def write_sweep_report(folder: Path, rows: list[dict], notes: list[str], dataset, runs: list[list[str]]) -> Path:
@@ -178,8 +180,8 @@ def write_sweep_report(folder: Path, rows: list[dict], notes: list[str], dataset
     r.heading("Runs")
     for names in runs:
         for name in names:
-            r.link(f"{name}: report", f"{name}/report.html")
-    return r.write(folder / "report.html", dataset.credit)
+            r.link(f"{name}: report", f"{name}/{REPORT}")
+    return r.write(folder / REPORT, dataset.credit)
 
 
 def write_audit_report(folder: Path, dataset, result) -> Path:
@@ -197,5 +199,5 @@ def write_audit_report(folder: Path, dataset, result) -> Path:
     r.table([{"file a": dataset.records[int(result.pairs[k, 0])].path.name,
               "file b": dataset.records[int(result.pairs[k, 1])].path.name,
               "distance": int(result.pairs[k, 2])} for k in order])
-    r.link("all pairs: near_duplicates.csv", "near_duplicates.csv")
-    return r.write(folder / "report.html", dataset.credit)
+    r.link(f"all pairs: {NEAR_DUPLICATES}", NEAR_DUPLICATES)
+    return r.write(folder / REPORT, dataset.credit)

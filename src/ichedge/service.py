@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import html
 import io
 import json
 import os
@@ -20,7 +21,9 @@ from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
 
+import keras
 import numpy as np
+import uvicorn
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
@@ -32,11 +35,14 @@ from starlette.formparsers import MultiPartParser
 from ichedge import __version__
 from ichedge.data import CT_ICH_CREDIT, DataError
 from ichedge.dicom import deidentify
-from ichedge.predict import (
-    Predictor, Prepared, Source, file_kind, keras_model_path, prepare_sources, read_run_config, triage,
-)
+from ichedge.explain import GradCAM, overlay
+from ichedge.intake import Prepared, Source, file_kind, prepare_sources
+from ichedge.runs import EXPORT_MODELS, ExportFolder, RunFolder, keras_model_file
+from ichedge.runtimes import KerasPredictor, LiteRTPredictor, Predictor
+from ichedge.triage import triage
 
-BACKENDS = ("int8", "float32", "keras")
+# What `serve` runs from a run folder: the Keras model itself, or one of its exported models.
+BACKENDS = (*EXPORT_MODELS, KerasPredictor.kind)
 MIB = 1024 * 1024
 
 
@@ -58,20 +64,17 @@ def resolve_model(path: str | Path, backend: str = "int8") -> Path:
         raise DataError(f"{path}: model not found")
     if not path.is_dir():
         return path
-    if backend == "keras":
+    if backend == KerasPredictor.kind:
         return path
-    from ichedge.profiling import latest_export
-
-    return latest_export(path) / f"model_{backend}.tflite"
+    return RunFolder.open(path).latest_export().model_file(backend)
 
 
 def _model_card(source: Path) -> dict:
     """The exported model card, or for a Keras run what its config records."""
-    card = source.parent / "model_card.json"
-    if source.suffix == ".tflite" and card.is_file():
-        return json.loads(card.read_text())
-    run = source if source.is_dir() else source.parent
-    meta = read_run_config(run)
+    export = ExportFolder.of_model(source)
+    if source.suffix == LiteRTPredictor.suffix and export.has_card:
+        return export.card()
+    meta = RunFolder.open(source if source.is_dir() else source.parent).meta
     return {"model": f"MobileNetV2 alpha {meta['config']['alpha']:g}, {meta['config']['size']}x{meta['config']['size']}",
             "preprocessing": meta["preprocessing"], "weights": meta["weights"],
             "training": {"config": meta["config"], "dataset": meta["dataset"]["summary"]},
@@ -97,12 +100,8 @@ class TriageService:
         self.card = _model_card(self.source)
         self.explainer = None
         if explain:
-            import keras
-
-            from ichedge.explain import GradCAM
-
-            self.explainer = GradCAM(keras.models.load_model(keras_model_path(self.source)))
-        file = self.source / "model.keras" if self.source.is_dir() else self.source
+            self.explainer = GradCAM(keras.models.load_model(keras_model_file(self.source)))
+        file = keras_model_file(self.source) if self.source.is_dir() else self.source
         self.info = {"id": hashlib.sha256(file.read_bytes()).hexdigest()[:12], "kind": self.predictor.kind,
                      "name": self.card.get("model", ""), "ichedge_version": __version__,
                      "heatmaps": self.explainer is not None}
@@ -217,8 +216,6 @@ def create_app(model: str | Path, backend: str = "int8", limits: Limits = Limits
         s, t = result.slices[k], service.predictor.decision.slice_threshold
         heat = None
         if result.explained is not None:
-            from ichedge.explain import overlay
-
             heat = _png_data_url(overlay(prepared.x[k], result.heatmaps[k], scale=2))
         return {"file": s.file, "study": s.study, "index": s.index, "probability": s.probability,
                 "flagged": s.flagged, "threshold": t,
@@ -253,10 +250,8 @@ def create_app(model: str | Path, backend: str = "int8", limits: Limits = Limits
 
     @app.get("/model-card", response_class=HTMLResponse)
     def model_card_page() -> str:
-        md = service.source.parent / "model_card.md"
+        md = ExportFolder.of_model(service.source).card_markdown
         text = md.read_text() if md.is_file() else json.dumps(service.card, indent=2)
-        import html
-
         return (f"<!doctype html><meta charset=utf-8><title>Model card</title>"
                 f"<link rel=stylesheet href=/static/style.css><main><a href=/>&larr; back</a>"
                 f"<pre class=card>{html.escape(text)}</pre></main>")
@@ -277,6 +272,4 @@ def create_app(model: str | Path, backend: str = "int8", limits: Limits = Limits
 
 
 def serve(model: str | Path, host: str = "127.0.0.1", port: int = 8000, **kwargs) -> None:
-    import uvicorn
-
     uvicorn.run(create_app(model, **kwargs), host=host, port=port, log_level="warning")

@@ -8,7 +8,6 @@ weights each configuration started from.
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import time
 from collections.abc import Sequence
@@ -17,11 +16,12 @@ from pathlib import Path
 
 from ichedge.data import Dataset, check_no_patient_overlap, kfold_splits, train_val_test_split
 from ichedge.evaluation import pooled_intervals, summarise_folds
+from ichedge.export import export_run
 from ichedge.preprocess import load_inputs, patient_groups, slice_order
+from ichedge.profiling import profile_run
 from ichedge.report import interval, write_sweep_report
-from ichedge.training import (
-    TrainConfig, check_context_usable, finish_run_dir, fit, new_run_dir, remap_split, write_run,
-)
+from ichedge.runs import RESULTS, new_folder, write_json
+from ichedge.training import TrainConfig, check_context_usable, fit, remap_split, write_run
 
 log = logging.getLogger(__name__)
 
@@ -94,56 +94,58 @@ def run_sweep(
     for split in splits:
         check_no_patient_overlap(dataset, split)
     check_context_usable(base, dataset)
-    tmp, final = new_run_dir(Path(runs_root), f"sweep-{folds}fold" if folds > 1 else "sweep")
     results: list[ConfigResult] = []
-    try:
-        loaded: dict = {}
-        for size, alpha in grid:
-            config = replace(base, size=size, alpha=alpha)
-            pre = config.preprocessing
-            if pre not in loaded:  # images are decoded once per input size and channel mode
-                loaded = {pre: load_inputs(dataset, pre, progress=progress)}
-            inputs = loaded[pre]
-            started = time.perf_counter()
-            features, fold_metrics, runs, phases, measured, pooled, pooled_context = None, [], [], [], None, [], []
-            groups, order = patient_groups(dataset, inputs), slice_order(dataset, inputs)
-            for k, split in enumerate(splits):
-                local = remap_split(split, inputs.indices)
-                result = fit(config, inputs, local, features=features, progress=progress, groups=groups, order=order)
-                if groups is not None:
-                    pooled.append((result.labels["test"], result.probabilities["test"], groups[local.test],
-                                   result.metrics["high_sensitivity"]["threshold"]))
-                if "test_context" in result.probabilities:
-                    pooled_context.append((result.labels["test"], result.probabilities["test_context"],
-                                           groups[local.test], result.metrics["context_high_sensitivity"]["threshold"]))
-                features = result.features  # the frozen backbone's: the same for every fold
-                name = f"{config.name}" + (f"-fold{k}" if folds > 1 else "")
-                write_run(tmp / name, config, dataset, inputs, local, result)
-                if profile and k == 0:
-                    profiling_started = time.perf_counter()
-                    measured = _export_and_profile(tmp / name)
-                    started += time.perf_counter() - profiling_started  # "train s" stays training time
-                runs.append(name)
-                fold_metrics.append(result.metrics)
-                phases.append(result.seconds)
-                log.info("%s: test AUC %.3f", name, result.metrics["default"]["auc"])
-            results.append(
-                ConfigResult(
-                    config, _weights_label(result.weights), _training_label(config, result.weights.pretrained),
-                    fold_metrics, runs, time.perf_counter() - started, phases, measured,
-                    pooled_intervals(pooled) if folds > 1 and pooled else None,
-                    pooled_intervals(pooled_context) if folds > 1 and pooled_context else None,
-                )
+    with new_folder(runs_root, f"sweep-{folds}fold" if folds > 1 else "sweep", keep_failed=True) as folder:
+        tmp = folder.tmp
+        try:
+            _run_grid(base, dataset, grid, splits, folds, tmp, progress, profile, results)
+        finally:  # an interrupted sweep keeps the tables of the configurations it finished
+            if results:
+                write_tables(tmp, results, dataset, folds)
+    return folder.path, results
+
+
+def _run_grid(base: TrainConfig, dataset: Dataset, grid: Sequence[tuple[int, float]], splits: list, folds: int,
+              tmp: Path, progress: bool, profile: bool, results: list[ConfigResult]) -> None:
+    """Train and evaluate each configuration on every split, appending to ``results`` as each finishes."""
+    loaded: dict = {}
+    for size, alpha in grid:
+        config = replace(base, size=size, alpha=alpha)
+        pre = config.preprocessing
+        if pre not in loaded:  # images are decoded once per input size and channel mode
+            loaded = {pre: load_inputs(dataset, pre, progress=progress)}
+        inputs = loaded[pre]
+        started = time.perf_counter()
+        features, fold_metrics, runs, phases, measured, pooled, pooled_context = None, [], [], [], None, [], []
+        groups, order = patient_groups(dataset, inputs), slice_order(dataset, inputs)
+        for k, split in enumerate(splits):
+            local = remap_split(split, inputs.indices)
+            result = fit(config, inputs, local, features=features, progress=progress, groups=groups, order=order)
+            if groups is not None:
+                pooled.append((result.labels["test"], result.probabilities["test"], groups[local.test],
+                               result.metrics["high_sensitivity"]["threshold"]))
+            if "test_context" in result.probabilities:
+                pooled_context.append((result.labels["test"], result.probabilities["test_context"],
+                                       groups[local.test], result.metrics["context_high_sensitivity"]["threshold"]))
+            features = result.features  # the frozen backbone's: the same for every fold
+            name = f"{config.name}" + (f"-fold{k}" if folds > 1 else "")
+            write_run(tmp / name, config, dataset, inputs, local, result)
+            if profile and k == 0:
+                profiling_started = time.perf_counter()
+                measured = _export_and_profile(tmp / name)
+                started += time.perf_counter() - profiling_started  # "train s" stays training time
+            runs.append(name)
+            fold_metrics.append(result.metrics)
+            phases.append(result.seconds)
+            log.info("%s: test AUC %.3f", name, result.metrics["default"]["auc"])
+        results.append(
+            ConfigResult(
+                config, _weights_label(result.weights), _training_label(config, result.weights.pretrained),
+                fold_metrics, runs, time.perf_counter() - started, phases, measured,
+                pooled_intervals(pooled) if folds > 1 and pooled else None,
+                pooled_intervals(pooled_context) if folds > 1 and pooled_context else None,
             )
-        write_tables(tmp, results, dataset, folds)
-        return finish_run_dir(tmp, final), results
-    except BaseException:
-        # Keep the finished runs: an interrupted sweep of an hour is still worth reading.
-        if results:
-            write_tables(tmp, results, dataset, folds)
-        kept = finish_run_dir(tmp, final.with_name(final.name + "-incomplete"))
-        log.error("sweep stopped early; finished runs kept in %s", kept)
-        raise
+        )
 
 
 def _weights_label(weights) -> str:
@@ -219,9 +221,6 @@ def _pooled_columns(pooled: dict, prefix: str) -> dict[str, str]:
 
 
 def _export_and_profile(run: Path) -> dict:
-    from ichedge.export import export_run
-    from ichedge.profiling import profile_run
-
     return profile_run(run, export_run(run).folder)
 
 
@@ -246,7 +245,7 @@ def write_tables(out: Path, results: Sequence[ConfigResult], dataset: Dataset, f
     # any row has, in first-seen order, and "-" where a row has none.
     header = list(dict.fromkeys(k for r in rows for k in r))
     rows = [{h: r.get(h, "-") for h in header} for r in rows]
-    with (out / "results.csv").open("w", newline="") as fh:
+    with (out / f"{RESULTS}.csv").open("w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=header)
         w.writeheader()
         w.writerows(rows)
@@ -273,9 +272,9 @@ def write_tables(out: Path, results: Sequence[ConfigResult], dataset: Dataset, f
     lines += ["| " + " | ".join(r[h] for h in header) + " |" for r in rows]
     if dataset.credit:
         lines += ["", f"Data: {dataset.credit}"]
-    (out / "results.md").write_text("\n".join(lines) + "\n")
+    (out / f"{RESULTS}.md").write_text("\n".join(lines) + "\n")
     write_sweep_report(out, rows, notes, dataset, [r.runs for r in results])
-    (out / "results.json").write_text(json.dumps(
+    write_json(out / f"{RESULTS}.json",
         [{"config": r.config.to_json(), "weights": r.weights, "training": r.training, "runs": r.runs,
           "seconds": r.seconds, "phase_seconds": r.phase_seconds, "profile": r.profile, "summary": r.summary,
-          "pooled": r.pooled, "pooled_context": r.pooled_context, "folds": r.folds} for r in results], indent=2))
+          "pooled": r.pooled, "pooled_context": r.pooled_context, "folds": r.folds} for r in results])

@@ -6,44 +6,35 @@ unfreezes the top of the backbone, keeps its batch-norm statistics fixed, and tr
 augmented images at a lower rate. A backbone without pretrained weights has nothing to freeze,
 so the whole network trains from scratch on augmented images. The ``multilevel`` head is a
 logistic regression: on frozen features scikit-learn fits it in one go, no epochs (see
-:func:`fit_logistic`). With ``context``, a slice-context
+:mod:`ichedge.heads`). With ``context``, a slice-context
 model (:mod:`ichedge.context`) is fitted on out-of-fold head scores of the training patients and
 evaluated beside the slice model.
 """
 
 from __future__ import annotations
 
-import csv
-import json
 import logging
-import os
-import shutil
-import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
+import keras
 import numpy as np
+import tensorflow as tf
+from sklearn.model_selection import StratifiedGroupKFold
 
 from ichedge import __version__
 from ichedge.context import SliceContext
 from ichedge.data import DataError, Dataset, Split, check_no_patient_overlap
-from ichedge.evaluation import (
-    calibration, evaluate_split, evaluate_studies, intervals, plot_confusion, plot_history, plot_pr, plot_reliability,
-    plot_roc,
-)
-from ichedge.model import (
-    Weights, build_head, build_model, check_head, feature_extractor, resolve_weights, tap_int8_steps,
-)
+from ichedge.evaluation import calibration, evaluate_split, evaluate_studies, intervals
+from ichedge.heads import HEADS, FitSettings, FrozenFit, class_weights, compile_classifier, epoch_progress
+from ichedge.model import Weights, build_model, feature_extractor, resolve_weights
+from ichedge.plots import plot_confusion, plot_history, plot_pr, plot_reliability, plot_roc
 from ichedge.preprocess import Loaded, Preprocessing, load_inputs, patient_groups, slice_order
 from ichedge.report import write_run_report
-from ichedge.triage import DEFAULT_AGGREGATE, study_score
-
-import keras  # noqa: E402  (model sets TF's log level first)
-import tensorflow as tf  # noqa: E402
+from ichedge.runs import RunWriter, new_folder
+from ichedge.studies import AGGREGATES, DEFAULT_AGGREGATE
 
 log = logging.getLogger(__name__)
 
@@ -92,8 +83,9 @@ class TrainConfig:
         failed = [text for text, ok in checks.items() if not ok]
         if failed:
             raise ValueError("; ".join(failed))
-        study_score([0.0], self.study_aggregate)  # validates the aggregate's name
-        check_head(self.head, self.trim)
+        if self.study_aggregate not in AGGREGATES:
+            raise ValueError(f"study_aggregate must be one of {', '.join(AGGREGATES)}; got {self.study_aggregate!r}")
+        HEADS.get(self.head).check(self.trim)
         self.preprocessing  # validates size and channel mode
 
     @property
@@ -107,6 +99,10 @@ class TrainConfig:
 
     def to_json(self) -> dict:
         return asdict(self)
+
+    @property
+    def fit_settings(self) -> FitSettings:
+        return FitSettings(self.epochs, self.learning_rate, self.batch_size, self.seed, self.class_weight)
 
 
 @dataclass
@@ -149,28 +145,6 @@ def _image_batches(x: np.ndarray, y: np.ndarray, batch: int, seed: int, augment:
         aug = augmenter(seed)
         data = data.map(lambda a, b: (tf.clip_by_value(aug(a, training=True), 0.0, 255.0), b))
     return data.prefetch(tf.data.AUTOTUNE)
-
-
-def class_weights(y: np.ndarray) -> dict[int, float]:
-    """Balanced weights (n / (2 n_c)) so the 1:7 minority counts as much as the majority."""
-    counts = np.bincount(y.astype(int), minlength=2)
-    return {c: float(len(y) / (2 * counts[c])) if counts[c] else 1.0 for c in (0, 1)}
-
-
-def _progress(enabled: bool) -> list[keras.callbacks.Callback]:
-    if not enabled:
-        return []
-    from tqdm.keras import TqdmCallback
-
-    return [TqdmCallback(verbose=0, leave=False)]  # one bar over the epochs, with the metrics
-
-
-def _compile(model: keras.Model, lr: float | keras.optimizers.schedules.LearningRateSchedule) -> None:
-    model.compile(
-        optimizer=keras.optimizers.Adam(lr),
-        loss="binary_crossentropy",
-        metrics=[keras.metrics.AUC(name="auc")],
-    )
 
 
 def _append(history: dict[str, list], new: dict[str, list], phase: str) -> None:
@@ -216,8 +190,7 @@ def fit(
     seconds: dict[str, float] = {}
 
     backbone = model.get_layer("backbone")
-    head = model.get_layer("head")
-    taps: Taps | None = None
+    frozen: FrozenFit | None = None
     if weights.pretrained and config.fine_tune_epochs:
         _first_layer(backbone, config.fine_tune_from)  # a typo fails now, not after the frozen phase
     if weights.pretrained:
@@ -226,12 +199,9 @@ def fit(
             features = compute_features(model, x)
         seconds["features"] = time.perf_counter() - start
         start = time.perf_counter()
-        if config.head == "multilevel":
-            sample = np.random.default_rng(config.seed).permutation(tr)[:INT8_STEP_IMAGES]
-            taps = Taps([int(t.shape[-1]) for t in head.inputs], tap_int8_steps(model, x[np.sort(sample)]))
-            _append(history, _fit_logistic_head(head, config, features, y, tr, va, taps, cw), "frozen")
-        else:
-            _append(history, _fit_head(head, config, features, y, tr, va, cw, progress), "frozen")
+        settings = replace(config.fit_settings, progress=progress)
+        frozen = HEADS.get(config.head).fit(model, features, y, tr, va, x, settings)
+        _append(history, frozen.history, "frozen")
         seconds["frozen"] = time.perf_counter() - start
         if config.fine_tune_epochs > 0:
             start = time.perf_counter()
@@ -256,9 +226,9 @@ def fit(
             config.study_aggregate, config.target_sensitivity)
     context = None
     if config.context:
-        if weights.pretrained:
+        if frozen is not None:
             start = time.perf_counter()
-            context = _fit_context(config, features, y, split, groups, order, taps)
+            context = _fit_context(config, frozen, y, split, groups, order)
             for part, idx in (("val", va), ("test", te)):
                 probs[f"{part}_context"] = context.apply(probs[part], groups[idx], order[idx])
             metrics.update(_context_metrics(config, labels, probs, groups[va], groups[te]))
@@ -267,82 +237,6 @@ def fit(
             metrics["context_skipped"] = {"reason": f"random weights: the whole network trains ({weights.note})"}
             log.warning("NO SLICE CONTEXT for %s: it needs a frozen pretrained backbone", config.name)
     return TrainResult(model, weights, history, metrics, probs, labels, seconds, features, context)
-
-
-def _fit_head(head: keras.Model, config: TrainConfig, features: np.ndarray, y: np.ndarray, tr: np.ndarray,
-              va: np.ndarray | None, cw: dict[int, float] | None, progress: bool = False) -> dict[str, list]:
-    """Train the head on cached features (the frozen phase); returns its history."""
-    _compile(head, config.learning_rate)
-    h = head.fit(
-        features[tr], y[tr], validation_data=None if va is None else (features[va], y[va]), epochs=config.epochs,
-        batch_size=config.batch_size, class_weight=cw, verbose=0, callbacks=_progress(progress), shuffle=True,
-    )
-    return h.history
-
-
-# L2 strength of the multilevel head's logistic regression on standardised features, as in the
-# frozen-feature ablations; bench/ablation_context.py measures 0.003 (lower validation AUC) and
-# 0.03 (tied) beside it.
-LOGISTIC_C = 0.01
-
-
-# Training images that set the multilevel taps' int8 steps: as many as `ichedge export` calibrates on.
-INT8_STEP_IMAGES = 200
-
-
-@dataclass(frozen=True)
-class Taps:
-    """The multilevel head's pooled taps: each one's width in the cached features, and its int8 step
-    (:func:`ichedge.model.tap_int8_steps`)."""
-
-    widths: list[int]
-    steps: list[float]
-
-
-def fit_logistic(features: np.ndarray, y: np.ndarray, taps: Taps, balanced: bool = True,
-                 c: float = LOGISTIC_C) -> tuple[np.ndarray, float]:
-    """A standardised L2 logistic regression, returned as weights and bias on the raw features.
-
-    Standardising weighs every channel alike, but int8 resolves a tap only in steps of its
-    tensor's range / 255: a channel that varies less than that would get a weight int8 cannot
-    honour (one fold at 224x224: int8 AUC 0.83 against 0.88 in float; 0.87 in both with the
-    floor). So no channel is scaled by less than its tap's step.
-    """
-    from sklearn.linear_model import LogisticRegression
-
-    if sum(taps.widths) != features.shape[1] or len(taps.widths) != len(taps.steps):
-        raise ValueError(f"taps of widths {taps.widths} and {len(taps.steps)} steps do not fit "
-                         f"{features.shape[1]} features")
-    mean = features.mean(0)
-    floor = np.repeat(np.maximum(taps.steps, 1e-6), taps.widths)
-    scale = np.maximum(features.std(0), floor)
-    lr = LogisticRegression(C=c, max_iter=5000, class_weight="balanced" if balanced else None)
-    lr.fit((features - mean) / scale, y)
-    w = lr.coef_[0] / scale
-    return w, float(lr.intercept_[0] - w @ mean)
-
-
-def _logistic_scores(w: np.ndarray, b: float, features: np.ndarray) -> np.ndarray:
-    return 1 / (1 + np.exp(-(features @ w + b)))
-
-
-def _fit_logistic_head(head: keras.Model, config: TrainConfig, features: np.ndarray, y: np.ndarray,
-                       tr: np.ndarray, va: np.ndarray, taps: Taps, cw: dict[int, float] | None) -> dict[str, list]:
-    """Fit the multilevel head on cached features and write it into ``head``; its one-step history,
-    with losses weighted as Keras weighs them (class weights on training only)."""
-    from sklearn.metrics import log_loss, roc_auc_score
-
-    w, b = fit_logistic(features[tr], y[tr], taps, config.class_weight)
-    for i, part in enumerate(np.split(w, np.cumsum(taps.widths)[:-1])):
-        bias = [np.array([b], "float32")] if i == 0 else []  # build_multilevel_head: the bias is tap0's
-        head.get_layer(f"tap{i}_weights").set_weights([part[:, None].astype("float32")] + bias)
-    history: dict[str, list] = {}
-    for prefix, idx, weights in (("", tr, cw), ("val_", va, None)):
-        p = _logistic_scores(w, b, features[idx])
-        sample_weight = None if weights is None else np.array([weights[int(c)] for c in y[idx]])
-        history[f"{prefix}loss"] = [log_loss(y[idx], p, sample_weight=sample_weight, labels=[0, 1])]
-        history[f"{prefix}auc"] = [roc_auc_score(y[idx], p)]
-    return history
 
 
 CONTEXT_INNER_FOLDS = 4
@@ -355,15 +249,13 @@ def check_context_usable(config: TrainConfig, dataset: Dataset) -> None:
         raise DataError(f"{dataset.name}: {CONTEXT_NEEDS}")
 
 
-def _fit_context(config: TrainConfig, features: np.ndarray, y: np.ndarray, split: Split, groups: np.ndarray,
-                 order: np.ndarray, taps: Taps | None) -> SliceContext:
+def _fit_context(config: TrainConfig, frozen: FrozenFit, y: np.ndarray, split: Split, groups: np.ndarray,
+                 order: np.ndarray) -> SliceContext:
     """The context model, fitted on out-of-fold head scores of the training patients.
 
-    The head is retrained on inner patient folds of the training split (cached features, so
+    The head is refitted on inner patient folds of the training split (cached features, so
     seconds), each scoring the training patients it did not see.
     """
-    from sklearn.model_selection import StratifiedGroupKFold
-
     tr = split.train
     n_folds = min(CONTEXT_INNER_FOLDS, len(set(groups[tr][y[tr] == 1])))
     if n_folds < 2:
@@ -371,15 +263,7 @@ def _fit_context(config: TrainConfig, features: np.ndarray, y: np.ndarray, split
     oof = np.zeros(len(tr))
     folds = StratifiedGroupKFold(n_folds, shuffle=True, random_state=config.seed).split(tr, y[tr], groups[tr])
     for k, (inner, held) in enumerate(folds):
-        if taps is not None:  # the multilevel head
-            w, b = fit_logistic(features[tr[inner]], y[tr[inner]], taps, config.class_weight)
-            oof[held] = _logistic_scores(w, b, features[tr[held]])
-            continue
-        keras.utils.set_random_seed(config.seed + 1 + k)
-        head = build_head(features.shape[1], config.neurons, config.dropout)
-        cw = class_weights(y[tr[inner]]) if config.class_weight else None
-        _fit_head(head, config, features, y, tr[inner], None, cw)
-        oof[held] = head.predict(features[tr[held]], batch_size=256, verbose=0).reshape(-1)
+        oof[held] = frozen.refit(tr[inner], tr[held], k)
     return SliceContext.fit(oof, y[tr], groups[tr], order[tr])
 
 
@@ -404,11 +288,11 @@ def _fit_images(
 ) -> None:
     """Train ``model`` end to end on augmented images with a cosine-decayed rate."""
     steps = epochs * int(np.ceil(len(split.train) / config.batch_size))
-    _compile(model, keras.optimizers.schedules.CosineDecay(lr, steps))
+    compile_classifier(model, keras.optimizers.schedules.CosineDecay(lr, steps))
     data = _image_batches(inputs.x[split.train], inputs.y[split.train], config.batch_size, config.seed, config.augment)
     h = model.fit(
         data, validation_data=(inputs.x[split.val].astype("float32"), inputs.y[split.val]), epochs=epochs,
-        class_weight=cw, verbose=0, callbacks=_progress(progress), shuffle=False,
+        class_weight=cw, verbose=0, callbacks=epoch_progress(progress), shuffle=False,
     )
     _append(history, h.history, phase)
 
@@ -446,65 +330,6 @@ def predict_probabilities(model: keras.Model, x: np.ndarray, batch: int = 64) ->
     return model.predict(x.astype("float32"), batch_size=batch, verbose=0).reshape(-1)
 
 
-# --- run folders ------------------------------------------------------------------------------
-
-
-def new_run_dir(root: Path, name: str) -> tuple[Path, Path]:
-    """A temporary folder to write into and the final name it will be renamed to.
-
-    Runs never overwrite: the final name carries a timestamp and, if taken, a counter.
-    """
-    root.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-    final = root / f"{stamp}-{name}"
-    n = 1
-    while final.exists():
-        n += 1
-        final = root / f"{stamp}-{name}-{n}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
-    return tmp, final
-
-
-def finish_run_dir(tmp: Path, final: Path) -> Path:
-    """Move a completed run folder into place in one rename, so no half-written run is seen.
-
-    If another run took the name meanwhile, the next free ``-N`` name is used: nothing is
-    overwritten and the finished run is kept.
-    """
-    target, n = final, 1
-    while True:
-        try:
-            target.mkdir()  # claims the name atomically; rename then replaces the empty folder
-        except FileExistsError:
-            n += 1
-            target = final.with_name(f"{final.name}-{n}")
-            continue
-        os.rename(tmp, target)
-        return target
-
-
-class RunFolder:
-    """What :func:`run_folder` yields: ``tmp`` to write into; ``path``, the final folder, after it."""
-
-    def __init__(self, tmp: Path) -> None:
-        self.tmp = tmp
-        self.path: Path | None = None
-
-
-@contextmanager
-def run_folder(root: Path, name: str) -> Iterator[RunFolder]:
-    """Write a new folder under ``root`` atomically: renamed into place when the block succeeds,
-    removed when it fails, so no half-written folder is ever seen and nothing is overwritten."""
-    tmp, final = new_run_dir(Path(root), name)
-    folder = RunFolder(tmp)
-    try:
-        yield folder
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    folder.path = finish_run_dir(tmp, final)
-
-
 def write_run(
     out: Path,
     config: TrainConfig,
@@ -514,7 +339,7 @@ def write_run(
     result: TrainResult,
 ) -> None:
     """Write config, model, history, metrics and plots of one run into folder ``out``."""
-    (out / "plots").mkdir(parents=True)
+    run = RunWriter(out)
     records = [dataset.records[i] for i in inputs.indices]
     meta = {
         "ichedge_version": __version__,
@@ -540,32 +365,26 @@ def write_run(
     }
     if not result.weights.pretrained:
         meta["warning"] = f"RANDOM WEIGHTS: {result.weights.note}"
-    (out / "config.json").write_text(json.dumps(meta, indent=2))
-    result.model.save(out / "model.keras")
-    keys = [k for k in result.history if k != "phase"]
-    with (out / "history.csv").open("w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["epoch", "phase", *keys])
-        for i, phase in enumerate(result.history["phase"]):
-            w.writerow([i + 1, phase, *(f"{result.history[k][i]:.6f}" for k in keys)])
-    (out / "metrics.json").write_text(json.dumps(result.metrics, indent=2))
+    run.config(meta)
+    run.model(result.model)
+    run.history(result.history)
+    run.metrics(result.metrics)
     if result.context is not None:
-        (out / "context.json").write_text(json.dumps(result.context.to_json(), indent=2))
-    np.savez(out / "predictions.npz", **{f"{k}_p": v for k, v in result.probabilities.items()},
-             **{f"{k}_y": v for k, v in result.labels.items()})
-    plot_history(result.history, out / "plots" / "learning_curves.png")
+        run.context(result.context)
+    run.predictions(result.probabilities, result.labels)
+    plot_history(result.history, run.plot("learning_curves"))
     hs = result.metrics["high_sensitivity"]
-    plot_confusion(result.metrics["default"], out / "plots" / "confusion_0.5.png", "test, threshold 0.5")
-    plot_confusion(hs, out / "plots" / "confusion_high_sensitivity.png",
+    plot_confusion(result.metrics["default"], run.plot("confusion_0.5"), "test, threshold 0.5")
+    plot_confusion(hs, run.plot("confusion_high_sensitivity"),
                    f"test, threshold {hs['threshold']:.3f} (val sensitivity >= {config.target_sensitivity})")
     points = {"0.5": result.metrics["default"], "high-sensitivity": hs}
-    plot_roc(result.labels["test"], result.probabilities["test"], points, out / "plots" / "roc.png")
-    plot_pr(result.labels["test"], result.probabilities["test"], points, out / "plots" / "precision_recall.png")
+    plot_roc(result.labels["test"], result.probabilities["test"], points, run.plot("roc"))
+    plot_pr(result.labels["test"], result.probabilities["test"], points, run.plot("precision_recall"))
     if "test_context" in result.probabilities:
         ctx = result.metrics["context_high_sensitivity"]
         plot_roc(result.labels["test"], result.probabilities["test_context"],
-                 {"0.5": result.metrics["context_default"], "high-sensitivity": ctx}, out / "plots" / "roc_context.png")
-    plot_reliability(result.labels["test"], result.probabilities["test"], out / "plots" / "reliability.png",
+                 {"0.5": result.metrics["context_default"], "high-sensitivity": ctx}, run.plot("roc_context"))
+    plot_reliability(result.labels["test"], result.probabilities["test"], run.plot("reliability"),
                      result.metrics["calibration"]["temperature"])
     write_run_report(out, meta, result.metrics)
 
@@ -584,13 +403,9 @@ def train(
     local = remap_split(split, inputs.indices)
     result = fit(config, inputs, local, progress=progress, groups=patient_groups(dataset, inputs),
                  order=slice_order(dataset, inputs))
-    tmp, final = new_run_dir(Path(runs_root), config.name)
-    try:
-        write_run(tmp, config, dataset, inputs, local, result)
-        return finish_run_dir(tmp, final), result
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with new_folder(runs_root, config.name) as folder:
+        write_run(folder.tmp, config, dataset, inputs, local, result)
+    return folder.path, result
 
 
 def remap_split(split: Split, kept: np.ndarray) -> Split:

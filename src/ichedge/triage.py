@@ -1,71 +1,32 @@
-"""From slice probabilities to study scores, study decisions and an urgency-ordered worklist.
+"""From slice probabilities to an urgency-ordered worklist: the triage flow and its writer.
 
-A clinician triages studies, not slices. A study's score is an aggregate of its slices'
-probabilities; :data:`DEFAULT_AGGREGATE` was picked by measurement on CT-ICH's patient-level
-folds (README, "Study-level triage").
+:func:`triage` scores prepared slices (:mod:`ichedge.intake`) with any
+:class:`~ichedge.runtimes.Predictor` at the model's validated thresholds, optionally through
+its slice-context stage, aggregates studies (:mod:`ichedge.studies`) and explains flagged
+slices with Grad-CAM; :func:`write_triage` writes the worklist folder.
 """
 
 from __future__ import annotations
 
 import csv
-import json
+import logging
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-AGGREGATES = ("max", "top2", "top3", "top5", "mean")
-DEFAULT_AGGREGATE = "top3"
+from ichedge.data import DataError
+from ichedge.explain import GradCAM, save_overlay
+from ichedge.intake import Prepared
+from ichedge.runs import ERRORS, HEATMAPS, SLICES, WORKLIST, new_folder, write_json
+from ichedge.runtimes import Predictor
+from ichedge.studies import DEFAULT_AGGREGATE, study_score
 
+log = logging.getLogger(__name__)
 
-def study_score(probabilities: Sequence[float], method: str = DEFAULT_AGGREGATE) -> float:
-    """One score per study: the maximum, the mean of the top k slices, or the mean of all."""
-    p = np.sort(np.asarray(probabilities, dtype=np.float64))[::-1]
-    if p.size == 0:
-        raise ValueError("a study needs at least one slice")
-    if method == "max":
-        return float(p[0])
-    if method == "mean":
-        return float(p.mean())
-    if method.startswith("top") and method[3:].isdigit() and int(method[3:]) > 0:
-        return float(p[: int(method[3:])].mean())
-    raise ValueError(f"unknown study aggregate {method!r}; choose one of {AGGREGATES} (or topK)")
-
-
-def group_scores(
-    groups: Sequence[str], probabilities: Sequence[float], method: str = DEFAULT_AGGREGATE
-) -> dict[str, float]:
-    """Score of each group (study or patient) from the probabilities of its slices."""
-    by: dict[str, list[float]] = {}
-    for g, p in zip(groups, probabilities):
-        by.setdefault(str(g), []).append(float(p))
-    return {g: study_score(ps, method) for g, ps in by.items()}
-
-
-def group_labels(groups: Sequence[str], labels: Sequence[int]) -> dict[str, int]:
-    """A study is positive when any of its slices is."""
-    out: dict[str, int] = {}
-    for g, y in zip(groups, labels):
-        out[str(g)] = max(out.get(str(g), 0), int(y))
-    return out
-
-
-def study_decision(config: dict, metrics: dict) -> dict:
-    """How slices add up to a study decision. Runs from before study metrics flag a study when
-    any slice is flagged (maximum at the slice threshold)."""
-    if "study_high_sensitivity" in metrics:
-        return {"study_aggregate": config["study_aggregate"], "study": metrics["study_high_sensitivity"]["threshold"]}
-    return {"study_aggregate": "max", "study": metrics["high_sensitivity"]["threshold"]}
-
-
-def study_arrays(
-    groups: Sequence[str], labels: Sequence[int], probabilities: Sequence[float], method: str = DEFAULT_AGGREGATE
-) -> tuple[np.ndarray, np.ndarray]:
-    """Per study (sorted by name): its label (any slice positive) and its score (``method``)."""
-    scores, truth = group_scores(groups, probabilities, method), group_labels(groups, labels)
-    keys = sorted(scores)
-    return np.array([truth[k] for k in keys]), np.array([scores[k] for k in keys])
+EXPLAIN_CHOICES = ("none", "flagged", "all")
 
 
 @dataclass
@@ -115,15 +76,107 @@ def build_worklist(
 
 def write_worklist(folder: Path, slices: Sequence[SliceResult], studies: Sequence[StudyResult], meta: dict) -> None:
     """``slices.csv``, ``worklist.csv`` and ``worklist.json`` (everything, with ``meta``) in ``folder``."""
-    with (folder / "slices.csv").open("w", newline="") as fh:
+    with (folder / SLICES).open("w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=list(SliceResult.__dataclass_fields__))
         w.writeheader()
         for s in slices:
             w.writerow({**asdict(s), "probability": f"{s.probability:.6f}"})
-    with (folder / "worklist.csv").open("w", newline="") as fh:
+    with (folder / f"{WORKLIST}.csv").open("w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["rank", "study", "slices", "score", "flagged", "top_slices"])
         for rank, s in enumerate(studies, 1):
             w.writerow([rank, s.study, s.slices, f"{s.score:.6f}", s.flagged, " ".join(map(str, s.top_slices))])
     doc = {**meta, "worklist": [asdict(s) for s in studies], "slices": [asdict(s) for s in slices]}
-    (folder / "worklist.json").write_text(json.dumps(doc, indent=2))
+    write_json(folder / f"{WORKLIST}.json", doc)
+
+
+@dataclass
+class TriageResult:
+    """Per-slice results, the worklist, every file that could not be used, and how it was scored."""
+
+    slices: list[SliceResult]
+    studies: list[StudyResult]
+    errors: list[str]
+    scoring: str  # "slice" or "slice context"
+    slice_threshold: float
+    study_threshold: float
+    notes: list[str] = field(default_factory=list)  # cautions about the scores, e.g. unusual studies
+    heatmaps: np.ndarray | None = None  # Grad-CAM per slice; rows not in `explained` are zeros
+    explained: np.ndarray | None = None  # indices of the slices that have a heatmap
+
+
+# Slice context was fitted on whole 5 mm head CTs (CT-ICH: 19 to 40 slices, 30 typical): with
+# far fewer slices, or a thin-section series of hundreds, its neighbour and study features
+# mean something else.
+CONTEXT_STUDY_SLICES = (10, 60)
+
+
+def triage(prepared: Prepared, predictor: Predictor, explain: str = "none", explainer: GradCAM | None = None,
+           context: bool = False) -> TriageResult:
+    """Score slices, aggregate studies at the model's validated thresholds, optionally explain.
+
+    With ``context`` and a model trained with slice context, each slice is re-scored from its
+    study (neighbours, study scores, position) and the context thresholds apply to slices and
+    studies; the network's own output is kept in ``SliceResult.network_probability``. Off by
+    default: on CT-ICH it raised slice AUC but not study AUC (README, "Input size and slice
+    context"). ``explain`` is 'none', 'flagged' (heatmaps of flagged slices) or 'all'; it needs
+    ``explainer``, an :class:`ichedge.explain.GradCAM` of the model's Keras version.
+    """
+    if explain not in EXPLAIN_CHOICES:
+        raise ValueError(f"explain must be one of {EXPLAIN_CHOICES}")
+    decision = predictor.decision
+    if decision is None:
+        raise DataError(f"{predictor.source}: no validated thresholds recorded with this model")
+    network = predictor.predict(prepared.x)
+    p, slice_t, study_t, scoring = network, decision.slice_threshold, decision.study_threshold, "slice"
+    notes: list[str] = []
+    if context and decision.context is None:
+        notes.append(f"{predictor.source}: no slice-context stage in this model (train with --context); slices scored alone")
+    if context and decision.context is not None and len(network):
+        c = decision.context
+        p = c.model.apply(network, prepared.studies, prepared.indices)
+        slice_t, study_t, scoring = c.slice_threshold, c.study_threshold, "slice context"
+        low, high = CONTEXT_STUDY_SLICES
+        notes += [f"study {study} has {n} slice(s): slice context was fitted on whole 5 mm head CTs of about 30 "
+                  "slices, so its scores here are less reliable"
+                  for study, n in sorted(Counter(prepared.studies).items()) if not low <= n <= high]
+    for note in notes:
+        log.warning("%s", note)
+    flagged = p >= slice_t
+    slices = [SliceResult(f, s, i, float(q), bool(fl), network_probability=float(n) if scoring != "slice" else None)
+              for f, s, i, q, fl, n in zip(prepared.files, prepared.studies, prepared.indices, p, flagged, network)]
+    heatmaps = chosen = None
+    if explain != "none":
+        if explainer is None:
+            raise ValueError("explanations need a GradCAM of the Keras model")
+        chosen = np.nonzero(flagged)[0] if explain == "flagged" else np.arange(len(p))
+        heatmaps = np.zeros(prepared.x.shape[:3], np.float32)
+        if len(chosen):
+            heatmaps[chosen] = explainer(prepared.x[chosen])[0]
+    studies = build_worklist(slices, slice_t, decision.study_aggregate, study_t)
+    return TriageResult(slices, studies, list(prepared.errors), scoring, slice_t, study_t, notes, heatmaps, chosen)
+
+
+def write_triage(out_root: Path, result: TriageResult, prepared: Prepared, predictor: Predictor) -> Path:
+    """A new folder under ``out_root``: slices.csv, worklist.csv/.json, errors.txt, heatmaps/."""
+    with new_folder(out_root, "predict") as folder:
+        if result.explained is not None:
+            (folder.tmp / HEATMAPS).mkdir()
+            for k in result.explained:
+                s = result.slices[k]
+                s.heatmap = f"{HEATMAPS}/{k:05d}_{safe_name(s.study)}_{s.index:04d}.png"  # k: unique
+                save_overlay(folder.tmp / s.heatmap, prepared.x[k], result.heatmaps[k])
+        d = predictor.decision
+        meta = {"model": str(predictor.source), "kind": predictor.kind,
+                "preprocessing": predictor.preprocessing.to_json(), "scoring": result.scoring,
+                "slice_threshold": result.slice_threshold, "study_threshold": result.study_threshold,
+                "study_aggregate": d.study_aggregate, "target_sensitivity": d.target_sensitivity,
+                "notes": result.notes, "errors": result.errors}
+        write_worklist(folder.tmp, result.slices, result.studies, meta)
+        (folder.tmp / ERRORS).write_text("".join(f"{e}\n" for e in result.errors))
+    return folder.path
+
+
+def safe_name(text: str) -> str:
+    """A file-name-safe version of a study name (which may be a folder path)."""
+    return "".join(c if c.isalnum() or c in "-." else "_" for c in text).strip("_.")[-80:] or "study"

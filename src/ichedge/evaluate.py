@@ -1,0 +1,117 @@
+"""`ichedge evaluate`: a trained or exported model on any dataset, without retraining.
+
+:func:`score_model` loads the model and the data, predicts and hands the numbers to the pure
+core (:func:`ichedge.evaluation.evaluate`); :func:`write_evaluation` writes what it returned
+(metrics, per-slice predictions, plots, an HTML report) into a new folder. Thresholds are the
+model's own, never re-chosen on the data evaluated. Slices the model was trained or validated
+on are counted and said loudly; ``unseen_only`` leaves them out instead.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+from ichedge.data import DataError, Dataset, read_dataset
+from ichedge.evaluation import Evaluation, evaluate
+from ichedge.plots import plot_confusion, plot_pr, plot_reliability, plot_roc
+from ichedge.preprocess import Loaded, load_inputs, patient_groups, slice_order
+from ichedge.report import Report, metric_rows
+from ichedge.runs import CARD_MARKDOWN, METRICS, PLOTS, REPORT, SLICE_PREDICTIONS, RunFolder, new_folder, write_json
+from ichedge.runtimes import Predictor
+
+
+@dataclass
+class ModelEvaluation:
+    """An :class:`~ichedge.evaluation.Evaluation` with what it was computed from, and its warnings."""
+
+    evaluation: Evaluation
+    model: Path
+    predictor: Predictor
+    dataset: Dataset
+    inputs: Loaded
+    seen: int  # slices of the model's own training or validation patients among those scored
+    banners: list[str]
+
+    @property
+    def summary(self) -> dict:
+        decision = self.predictor.decision
+        out = {"model": str(self.model), "kind": self.predictor.kind, "dataset": self.dataset.summary(),
+               "source": str(self.dataset.source), "slices_seen_in_training": self.seen,
+               "skipped_images": self.inputs.errors, "decision": decision.to_json()}
+        if self.evaluation.notes:
+            out["context_note"] = "; ".join(self.evaluation.notes)
+        return out
+
+
+def score_model(model: str | Path, data: str | Path | None, progress: bool = False, n_boot: int = 2000,
+                unseen_only: bool = False) -> ModelEvaluation:
+    """Load ``model`` and ``data``, score every readable slice and evaluate at the model's thresholds."""
+    model = Path(model)
+    predictor = Predictor.load(model)
+    decision = predictor.decision
+    if decision is None:
+        raise DataError(f"{model}: no validated thresholds recorded with this model")
+    ds = read_dataset(data, predictor.preprocessing.windows)
+    run = RunFolder.of_model(model)
+    used = run.split_keys("train", "val") if run is not None and str(run.meta["dataset"]["source"]) == str(ds.source) \
+        else set()
+    wanted = [i for i, r in enumerate(ds.records) if not (unseen_only and r.key in used)]
+    inputs = load_inputs(ds, predictor.preprocessing, wanted, progress=progress)
+    if len(inputs.y) == 0:
+        raise DataError(f"{ds.name}: no readable image" + (" the model has not seen" if unseen_only else ""))
+    ev = evaluate(inputs.y, predictor.predict(inputs.x), decision, patient_groups(ds, inputs), slice_order(ds, inputs),
+                  n_boot)
+    banners = []
+    seen = sum(ds.records[i].key in used for i in inputs.indices)
+    if seen:
+        banners.append(f"{seen} of {len(inputs.y)} slices were in this model's training or validation split: these "
+                       "numbers are inflated; evaluate with --unseen-only (the run's test patients) or on other data.")
+    if not ds.has_patients:
+        banners.append("No patient IDs: intervals resample images, so they are too narrow, and any near-duplicate "
+                       "slices of training patients inflate the result (run `ichedge audit`).")
+    return ModelEvaluation(ev, model, predictor, ds, inputs, seen, banners)
+
+
+def write_evaluation(out_root: str | Path, me: ModelEvaluation) -> Path:
+    """A new folder under ``out_root``: metrics.json, predictions.csv, plots/, report.html."""
+    ev, ds, decision = me.evaluation, me.dataset, me.predictor.decision
+    y, p, metrics = ev.y, ev.p, ev.metrics
+    with new_folder(out_root, "evaluate") as folder:
+        plots = folder.tmp / PLOTS
+        plots.mkdir()
+        points = {"0.5": metrics["default"], "high-sensitivity": metrics["high_sensitivity"]}
+        if len(set(y.tolist())) == 2:
+            plot_roc(y, p, points, plots / "roc.png")
+            plot_pr(y, p, points, plots / "precision_recall.png")
+        plot_reliability(y, p, plots / "reliability.png")
+        plot_confusion(metrics["high_sensitivity"], plots / "confusion_high_sensitivity.png",
+                       f"threshold {decision.slice_threshold:.3f} (the model's validated one)")
+        write_json(folder.tmp / METRICS, {**me.summary, **metrics})
+        with (folder.tmp / SLICE_PREDICTIONS).open("w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["file", "patient", "label", "probability"])
+            for i, label, prob in zip(me.inputs.indices, y, p):
+                r = ds.records[i]
+                w.writerow([r.path, r.patient or "", int(label), f"{prob:.6f}"])
+        report = Report(f"Evaluation of {me.model.name} on {ds.name}", banners=me.banners)
+        report.paragraph(f"{ds.summary()}. Model: {me.predictor.kind}, thresholds as validated at training "
+                         f"(slice {decision.slice_threshold:.3f}; study: {decision.study_aggregate} of slices >= "
+                         f"{decision.study_threshold:.3f}). 95% intervals resample {metrics['intervals']['resampled']}.")
+        report.table(metric_rows(metrics))
+        report.paragraph(f"Calibration: ECE {metrics['calibration']['ece']:.3f}.")
+        report.plots(sorted(plots.glob("*.png")))
+        report.code(me.summary)
+        card = me.predictor.source.parent / CARD_MARKDOWN
+        if card.is_file():
+            report.link("model card", card.resolve().as_uri())
+        report.write(folder.tmp / REPORT, ds.credit)
+    return folder.path
+
+
+def evaluate_model(model: str | Path, data: str | Path | None, out_root: str | Path = Path("runs"),
+                   progress: bool = False, n_boot: int = 2000, unseen_only: bool = False) -> tuple[Path, dict]:
+    """:func:`score_model`, then :func:`write_evaluation`; returns the folder and its metrics.json content."""
+    me = score_model(model, data, progress, n_boot, unseen_only)
+    return write_evaluation(out_root, me), {**me.summary, **me.evaluation.metrics}

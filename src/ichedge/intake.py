@@ -1,0 +1,140 @@
+"""Files and uploads to model inputs: PNG/JPEG slices and DICOM series, judged by content.
+
+:func:`gather_sources` finds the files of the paths given; :func:`prepare_sources` reads,
+windows, groups into studies, orders and preprocesses them. An unusable file is reported by
+name and left out; the others go on.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ichedge.channels import NEXT, PREVIOUS
+from ichedge.data import DataError, read_image
+from ichedge.dicom import WINDOWS, CTSlice, is_dicom, order_series, read_ct_slice, window, windowed
+from ichedge.preprocess import Preprocessing, prepare_slice
+
+PNG_MAGIC, JPEG_MAGIC = b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff"
+
+
+@dataclass
+class Source:
+    """One input file: its name (path or upload name) and, for uploads, its bytes."""
+
+    name: str
+    data: bytes | None = None
+
+    def head(self) -> bytes:
+        if self.data is not None:
+            return self.data[:132]
+        with open(self.name, "rb") as fh:
+            return fh.read(132)
+
+
+def file_kind(head: bytes) -> str | None:
+    """'dicom', 'image' or None, decided by content, never by the file name."""
+    if is_dicom(head):
+        return "dicom"
+    if head.startswith(PNG_MAGIC) or head.startswith(JPEG_MAGIC):
+        return "image"
+    return None
+
+
+def gather_sources(paths: Sequence[str | Path]) -> tuple[list[Source], list[str]]:
+    """Files given, and files in folders given (recursively, hidden ones left out)."""
+    sources, errors = [], []
+    for p in map(Path, paths):
+        if p.is_dir():
+            sources += [Source(str(f)) for f in sorted(p.rglob("*"))
+                        if f.is_file() and not any(part.startswith(".") for part in f.relative_to(p).parts)]
+        elif p.is_file():
+            sources.append(Source(str(p)))
+        else:
+            errors.append(f"{p}: not found")
+    return sources, errors
+
+
+@dataclass
+class Prepared:
+    """Model inputs of the readable slices, grouped into studies and ordered within them."""
+
+    files: list[str]
+    studies: list[str]
+    indices: list[int]
+    x: np.ndarray
+    errors: list[str]
+
+
+def prepare_sources(sources: Sequence[Source], pre: Preprocessing, image_study: str | None = None) -> Prepared:
+    """Read, window, group, order and preprocess files; each unusable file is reported, not fatal.
+
+    DICOM slices are grouped into series by their UIDs (named by hashes, never by patient
+    fields) and ordered along the patient axis. PNG/JPEG images are taken as brain-window
+    slices, one study per folder (or all in ``image_study``), in file-name order.
+    """
+    errors: list[str] = []
+    ct: list[CTSlice] = []
+    images: list[Source] = []
+    for src in sources:
+        try:
+            kind = file_kind(src.head())
+        except OSError as exc:
+            errors.append(f"{src.name}: unreadable ({exc.strerror or exc})")
+            continue
+        if kind is None:
+            errors.append(f"{src.name}: not a PNG, JPEG or DICOM file (judged by its content)")
+        elif kind == "dicom":
+            try:
+                ct.append(read_ct_slice(src.name, src.data))
+            except DataError as exc:
+                errors.append(str(exc))
+        else:
+            images.append(src)
+
+    files, studies, indices, xs = [], [], [], []
+
+    def add(name: str, study: str, index: int, windows: dict[str, np.ndarray]) -> None:
+        try:
+            xs.append(prepare_slice(windows, pre))
+        except DataError as exc:
+            errors.append(f"{name}: {exc}")
+            return
+        files.append(name)
+        studies.append(study)
+        indices.append(index)
+
+    for (study, series), members in order_series(ct).items():
+        names = pre.windows
+        for i, s in enumerate(members):
+            windows = windowed(s.hu, names)
+            if "neighbours" in pre.mode.needs:  # the series order gives them
+                windows[PREVIOUS] = window(members[max(i - 1, 0)].hu, *WINDOWS["brain"])
+                windows[NEXT] = window(members[min(i + 1, len(members) - 1)].hu, *WINDOWS["brain"])
+            add(str(s.path), f"{study}/{series}", i, windows)
+
+    if images and not pre.mode.single_image:
+        errors += [f"{src.name}: channel mode {pre.channels} needs DICOM input (HU or slice order); "
+                   "a PNG/JPEG is one brain-window image" for src in images]
+        images = []
+    counters: dict[str, int] = {}
+    for src in sorted(images, key=lambda s: natural_key(s.name)):
+        folder = image_study or str(Path(src.name).parent)
+        try:
+            image = read_image(Path(src.name), src.data)
+        except DataError as exc:
+            errors.append(str(exc))
+            continue
+        add(src.name, folder, counters.setdefault(folder, 0), {"brain": image})
+        counters[folder] += 1
+    x = np.stack(xs) if xs else np.zeros((0, pre.size, pre.size, 3), np.uint8)
+    return Prepared(files, studies, indices, x, errors)
+
+
+def natural_key(name: str) -> list:
+    """Sort key that puts ``slice2.png`` before ``slice10.png``: image studies are ordered by name."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
