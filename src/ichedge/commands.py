@@ -45,9 +45,7 @@ def _config_args(p: argparse.ArgumentParser, single: bool) -> None:
     p.add_argument("--trim", action="store_true",
                    help="drop the backbone's last 1x1 conv (1280 channels): about a third smaller at alpha 0.35")
     p.add_argument("--head", choices=HEADS.names(), default=d.head,
-                   help="paper: pooled last map -> Dense(neurons) -> dropout -> output; multilevel: logistic "
-                        "regression on pooled block_13 and block_16 features (frozen backbone: fitted, so "
-                        "--neurons, --dropout, --epochs and --learning-rate do not apply)")
+                   help="; ".join(f"{head.name}: {head.help}" for head in HEADS))
     p.add_argument("--neurons", type=int, default=d.neurons)
     p.add_argument("--dropout", type=float, default=d.dropout)
     p.add_argument("--epochs", type=int, default=d.epochs)

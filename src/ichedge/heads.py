@@ -82,6 +82,7 @@ class Head(ABC):
     """The interface every registered head implements."""
 
     name: ClassVar[str]
+    help: ClassVar[str]  # one line for the command line's --head
     fits_trimmed: ClassVar[bool] = True  # works on a backbone without its last 1x1 convolution
 
     def check(self, trim: bool) -> None:
@@ -112,6 +113,10 @@ class Head(ABC):
     @abstractmethod
     def describe(self, neurons: int, dropout: float, trim: bool) -> str:
         """The head in words, for the model card."""
+
+    @abstractmethod
+    def frozen_training(self, epochs: int) -> str:
+        """How its frozen phase trains, in a few words, for the sweep table."""
 
     @abstractmethod
     def cam_parts(self, model: keras.Model) -> CamParts: ...
@@ -155,6 +160,7 @@ def fit_dense_head(head: keras.Model, features: np.ndarray, y: np.ndarray, tr: n
 @HEADS.register("paper")
 class PaperHead(Head):
     name = "paper"
+    help = "pooled last map -> Dense(neurons) -> dropout -> output"
 
     def backbone_layers(self) -> tuple[str, ...]:
         return ()
@@ -184,6 +190,9 @@ class PaperHead(Head):
 
     def describe(self, neurons: int, dropout: float, trim: bool) -> str:
         return f"{'trimmed backbone, ' if trim else ''}head Dense({neurons}, ReLU) -> Dropout({dropout}) -> sigmoid"
+
+    def frozen_training(self, epochs: int) -> str:
+        return f"frozen {epochs} ep"
 
     def cam_parts(self, model: keras.Model) -> CamParts:
         head = model.get_layer("head")
@@ -281,6 +290,8 @@ def logistic_scores(w: np.ndarray, b: float, features: np.ndarray) -> np.ndarray
 @HEADS.register("multilevel")
 class MultilevelHead(Head):
     name = "multilevel"
+    help = ("logistic regression on pooled block_13 and block_16 features (frozen backbone: fitted, so "
+            "--neurons, --dropout, --epochs and --learning-rate do not apply)")
     fits_trimmed = False  # it stops before that convolution anyway
 
     def backbone_layers(self) -> tuple[str, ...]:
@@ -327,6 +338,9 @@ class MultilevelHead(Head):
     def describe(self, neurons: int, dropout: float, trim: bool) -> str:
         taps = ", ".join(f"{'GAP' if how == 'avg' else 'GMP'}({layer})" for layer, how in MULTILEVEL_TAPS)
         return f"multilevel logistic head: {taps}, one Dense(1) each, summed -> sigmoid"
+
+    def frozen_training(self, epochs: int) -> str:
+        return "frozen, logistic multilevel head"
 
     def cam_parts(self, model: keras.Model) -> CamParts:
         layers = multilevel_layers()

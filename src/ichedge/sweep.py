@@ -17,6 +17,7 @@ from pathlib import Path
 from ichedge.data import Dataset, check_no_patient_overlap, kfold_splits, train_val_test_split
 from ichedge.evaluation import pooled_intervals, summarise_folds
 from ichedge.export import export_run
+from ichedge.heads import HEADS
 from ichedge.preprocess import load_inputs, patient_groups, slice_order
 from ichedge.profiling import profile_run
 from ichedge.report import interval, write_sweep_report
@@ -157,7 +158,7 @@ def _weights_label(weights) -> str:
 def _training_label(config: TrainConfig, pretrained: bool) -> str:
     if not pretrained:
         return f"from scratch, {config.epochs} ep"
-    text = "frozen, logistic multilevel head" if config.head == "multilevel" else f"frozen {config.epochs} ep"
+    text = HEADS.get(config.head).frozen_training(config.epochs)
     return text + (f" + fine-tune {config.fine_tune_epochs} ep" if config.fine_tune_epochs else "")
 
 
