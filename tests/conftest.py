@@ -242,12 +242,12 @@ def run_command(args: list[str], runs: Path) -> CommandRun:
 
 @pytest.fixture(scope="session")
 def cv_sweep(tmp_path_factory: pytest.TempPathFactory) -> CommandRun:
-    """`ichedge sweep --cv 2 --context` over 96x96/alpha 0.35 (ImageNet) and 32x32/alpha 0.1 (random
-    weights: trained from scratch, slice context skipped) on 16 synthetic patients."""
+    """`ichedge sweep --cv 2 --head multilevel --context` over 96x96/alpha 0.35 (ImageNet) and 32x32/alpha
+    0.1 (random weights: trained from scratch, slice context skipped) on 16 synthetic patients."""
     root = tmp_path_factory.mktemp("cv_sweep")
     data = write_manifest(root / "data", patients=16)
     return run_command(["sweep", "--data", str(data), "--grid", "96x0.35,32x0.1", "--cv", "2", "--epochs", "2",
-                        "--context"], root / "runs")
+                        "--head", "multilevel", "--context"], root / "runs")
 
 
 @pytest.fixture(scope="session")

@@ -55,8 +55,9 @@ def test_sweep_writes_the_paper_table_with_folds(cv_sweep):
     assert rows[1]["paper accuracy"] == "-"
     assert "±" in rows[0]["AUC"]
     runs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
-    assert runs == ["32px-a0.1-gray-context-fold0", "32px-a0.1-gray-context-fold1", "96px-a0.35-gray-context-fold0",
-                    "96px-a0.35-gray-context-fold1"]
+    assert runs == [f"{config}-multilevel-context-fold{k}" for config in ("32px-a0.1-gray", "96px-a0.35-gray")
+                    for k in (0, 1)]
+    assert rows[0]["training"] == "frozen, logistic multilevel head" and rows[1]["training"] == "from scratch, 2 ep"
     summary = json.loads((sweep / "results.json").read_text())
     assert len(summary[0]["folds"]) == 2
     md = (sweep / "results.md").read_text()

@@ -9,6 +9,7 @@ folder has them in its config and metrics, an exported model in the card beside 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import subprocess
 import sys
@@ -29,15 +30,27 @@ from ichedge.thresholds import Decision
 log = logging.getLogger(__name__)
 
 
+# Model sha256 -> whether XNNPACK allocated it: one child process per model, not per predictor.
+_XNNPACK_PROBES: dict[str, bool] = {}
+
+
 def xnnpack_allocates(path: Path) -> bool:
     """Whether LiteRT's default (XNNPACK) path can allocate ``path``, tried in a child process.
 
     ai-edge-litert 2.3.0 aborts the whole process ("double free or corruption") when XNNPACK
     allocates the int8 alpha-0.05 MobileNetV2, so the first try must not be in this one.
     """
+    try:
+        key: str | None = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError:
+        key = None  # the child reports what is wrong with the file
+    if key in _XNNPACK_PROBES:
+        return _XNNPACK_PROBES[key]
     code = ("import sys; from ai_edge_litert.interpreter import Interpreter; "
             "Interpreter(model_path=sys.argv[1], num_threads=1).allocate_tensors()")
     proc = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, timeout=120)
+    if key is not None:
+        _XNNPACK_PROBES[key] = proc.returncode == 0
     return proc.returncode == 0
 
 
