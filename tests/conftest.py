@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import ichedge.sweep as sweep
 from ichedge.cli import main
 from ichedge.data import bundled_path, read_manifest, train_val_test_split
 from ichedge.export import ExportResult, export_run
@@ -161,7 +162,8 @@ def write_dicom_manifest(root: Path, patients: int = 12, slices: int = 6, seed: 
 
 # --- trained once per session, shared ------------------------------------------------------------
 
-TRAINED_FIXTURES = {"tiny_run", "tiny_export", "served_run", "multilevel_run", "cv_sweep", "slice_sweep", "dicom_run"}
+TRAINED_FIXTURES = {"tiny_run", "tiny_export", "served_run", "multilevel_run", "cv_sweep", "slice_sweep",
+                    "interrupted_sweep", "dicom_run"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -216,9 +218,10 @@ def multilevel_run(tmp_path_factory: pytest.TempPathFactory, synthetic12: Path) 
 
 @dataclass
 class CommandRun:
-    """What one `ichedge` command left: its exit code, output folder, stdout, log and warnings."""
+    """What one `ichedge` command left: its exit code (None: stopped by Ctrl-C), output folder,
+    stdout, log and warnings."""
 
-    code: int
+    code: int | None
     folder: Path
     out: str
     log: str
@@ -234,6 +237,8 @@ def run_command(args: list[str], runs: Path) -> CommandRun:
         with contextlib.redirect_stdout(out), warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             code = main([*args, "--runs", str(runs), "--quiet"])
+    except KeyboardInterrupt:
+        code = None
     finally:
         logging.getLogger("ichedge").removeHandler(handler)
     (folder,) = [p for p in runs.iterdir() if not p.name.startswith(".")]
@@ -242,12 +247,28 @@ def run_command(args: list[str], runs: Path) -> CommandRun:
 
 @pytest.fixture(scope="session")
 def cv_sweep(tmp_path_factory: pytest.TempPathFactory) -> CommandRun:
-    """`ichedge sweep --cv 2 --head multilevel --context` over 96x96/alpha 0.35 (ImageNet) and 32x32/alpha
-    0.1 (random weights: trained from scratch, slice context skipped) on 16 synthetic patients."""
+    """`ichedge sweep --cv 2 --head multilevel --context` of 96x96, alpha 0.35 on 16 synthetic patients."""
     root = tmp_path_factory.mktemp("cv_sweep")
     data = write_manifest(root / "data", patients=16)
-    return run_command(["sweep", "--data", str(data), "--grid", "96x0.35,32x0.1", "--cv", "2", "--epochs", "2",
-                        "--head", "multilevel", "--context"], root / "runs")
+    return run_command(["sweep", "--data", str(data), "--grid", "96x0.35", "--cv", "2", "--head", "multilevel",
+                        "--context"], root / "runs")
+
+
+@pytest.fixture(scope="session")
+def interrupted_sweep(tmp_path_factory: pytest.TempPathFactory, synthetic12: Path) -> CommandRun:
+    """`ichedge sweep --head multilevel --context` of 32x32, alpha 0.1 (no ImageNet weights: trained from
+    scratch for 2 epochs, slice context skipped), then alpha 0.35, stopped by Ctrl-C as that one starts."""
+    real_fit = sweep.fit
+
+    def fit_then_stop(config: TrainConfig, *args, **kwargs) -> TrainResult:
+        if config.alpha == 0.35:
+            raise KeyboardInterrupt
+        return real_fit(config, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sweep, "fit", fit_then_stop)
+        return run_command(["sweep", "--data", str(synthetic12), "--grid", "32x0.1,32x0.35", "--epochs", "2",
+                            "--head", "multilevel", "--context"], tmp_path_factory.mktemp("interrupted") / "runs")
 
 
 @pytest.fixture(scope="session")

@@ -114,11 +114,11 @@ def test_context_needs_a_frozen_backbone_and_patients(tmp_path, synthetic_manife
         train(TrainConfig(size=32, context=True, epochs=1), no_patients, split, tmp_path, progress=False)
 
 
-def test_random_weights_skip_context_loudly(cv_sweep):
-    run = cv_sweep.folder / "32px-a0.1-gray-multilevel-context-fold0"  # alpha 0.1 has no ImageNet weights
+def test_random_weights_skip_context_loudly(interrupted_sweep):
+    run = interrupted_sweep.folder / "32px-a0.1-gray-multilevel-context"  # alpha 0.1 has no ImageNet weights
     metrics = json.loads((run / "metrics.json").read_text())
     assert "random weights" in metrics["context_skipped"]["reason"]
-    assert "NO SLICE CONTEXT" in cv_sweep.log and not (run / "context.json").exists()
+    assert "NO SLICE CONTEXT" in interrupted_sweep.log and not (run / "context.json").exists()
     assert "Slice context was asked for and skipped" in (run / "report.html").read_text()
 
 

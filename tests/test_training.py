@@ -65,8 +65,8 @@ def test_unfreeze_top_keeps_batch_norm_frozen():
         unfreeze_top(backbone, "nonsense")
 
 
-def test_from_scratch_training_writes_a_complete_run(cv_sweep):
-    run = cv_sweep.folder / "32px-a0.1-gray-multilevel-context-fold0"  # random weights: trained from scratch, 2 epochs
+def test_from_scratch_training_writes_a_complete_run(interrupted_sweep):
+    run = interrupted_sweep.folder / "32px-a0.1-gray-multilevel-context"  # random weights: trained from scratch, 2 epochs
     assert RUN_FILES <= _files(run)
     meta = json.loads((run / "config.json").read_text())
     assert meta["weights"]["source"] == "random" and "RANDOM WEIGHTS" in meta["warning"]
@@ -82,7 +82,7 @@ def test_from_scratch_training_writes_a_complete_run(cv_sweep):
     for point in ("default", "high_sensitivity"):
         for m in ("sensitivity", "specificity"):
             assert ci[point][m]["low"] <= ci[point][m]["value"] <= ci[point][m]["high"]
-    assert not list(cv_sweep.folder.parent.glob(".*")), "no temporary folder left behind"
+    assert not list(interrupted_sweep.folder.parent.glob(".*")), "no temporary folder left behind"
 
 
 @pytest.mark.integration
@@ -172,8 +172,8 @@ def test_multilevel_head_starts_fine_tuning(tmp_path):
     assert tuned.history["phase"] == ["frozen", "fine-tune"]
 
 
-def test_multilevel_head_trains_from_scratch(cv_sweep):
-    run = RunFolder.open(cv_sweep.folder / "32px-a0.1-gray-multilevel-context-fold0")
+def test_multilevel_head_trains_from_scratch(interrupted_sweep):
+    run = RunFolder.open(interrupted_sweep.folder / "32px-a0.1-gray-multilevel-context")
     assert run.meta["weights"]["source"] == "random"
     assert [r["phase"] for r in csv.DictReader((run.path / "history.csv").open())] == ["from-scratch"] * 2
     model = keras.models.load_model(run.model_file)
