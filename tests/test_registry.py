@@ -6,11 +6,12 @@ import pytest
 from ichedge.channels import CHANNEL_MODES, NEXT, PREVIOUS
 from ichedge.context import STAGES
 from ichedge.explain import GradCAM
-from ichedge.heads import HEADS, FitSettings, head_of
+from ichedge.heads import HEADS, head_of
 from ichedge.model import build_model, feature_extractor, resolve_weights
 from ichedge.preprocess import Preprocessing, prepare_slice
 from ichedge.registry import Registry
 from ichedge.runtimes import RUNTIMES, Predictor
+from ichedge.training import TrainConfig
 
 
 def test_a_registry_names_its_choices_and_refuses_a_second_entry_of_a_name():
@@ -33,7 +34,7 @@ def test_every_head_builds_fits_refits_and_explains(name):
     x = rng.integers(0, 256, (12, 32, 32, 3)).astype(np.uint8)
     y = np.array([0, 1] * 6)
     features = feature_extractor(model).predict(x.astype("float32"), verbose=0)
-    fitted = head.fit(model, features, y, np.arange(8), np.arange(8, 12), x, FitSettings(epochs=1))
+    fitted = head.fit(model, features, y, np.arange(8), np.arange(8, 12), x, TrainConfig(size=32, epochs=1).fit_settings)
     assert {"loss", "val_loss"} <= set(fitted.history)
     p = model.predict(x.astype("float32"), verbose=0).reshape(-1)
     assert ((p >= 0) & (p <= 1)).all()

@@ -11,7 +11,6 @@ from sklearn.preprocessing import StandardScaler
 
 import keras
 
-from ichedge.cli import exit_cleanly_on_sigterm  # noqa: F401  (the child process below imports it)
 from ichedge.data import Split, read_manifest, train_val_test_split
 from ichedge.explain import GradCAM
 from ichedge.heads import INT8_STEP_IMAGES, Taps, class_weights, fit_logistic, tap_int8_steps
@@ -66,7 +65,7 @@ def test_unfreeze_top_keeps_batch_norm_frozen():
 
 
 def test_from_scratch_training_writes_a_complete_run(interrupted_sweep):
-    run = interrupted_sweep.folder / "32px-a0.1-gray-multilevel-context"  # random weights: trained from scratch, 2 epochs
+    run = interrupted_sweep.folder / "32px-a0.1-gray-context"  # random weights: trained from scratch, 2 epochs
     assert RUN_FILES <= _files(run)
     meta = json.loads((run / "config.json").read_text())
     assert meta["weights"]["source"] == "random" and "RANDOM WEIGHTS" in meta["warning"]
@@ -172,8 +171,8 @@ def test_multilevel_head_starts_fine_tuning(tmp_path):
     assert tuned.history["phase"] == ["frozen", "fine-tune"]
 
 
-def test_multilevel_head_trains_from_scratch(interrupted_sweep):
-    run = RunFolder.open(interrupted_sweep.folder / "32px-a0.1-gray-multilevel-context")
+def test_multilevel_head_trains_from_scratch(slice_sweep):
+    run = RunFolder.open(slice_sweep.folder / "32px-a0.1-gray-multilevel")
     assert run.meta["weights"]["source"] == "random"
     assert [r["phase"] for r in csv.DictReader((run.path / "history.csv").open())] == ["from-scratch"] * 2
     model = keras.models.load_model(run.model_file)

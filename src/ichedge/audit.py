@@ -25,7 +25,7 @@ from ichedge.report import write_audit_report
 from ichedge.runs import AUDIT, NEAR_DUPLICATES, new_folder, write_json
 
 HASH_SIZE = 16  # a 256-bit pHash: 64 bits cannot tell a neighbouring slice from another patient's
-DEFAULT_MAX_DISTANCE = 25  # of 256 bits; chosen on CT-ICH (README, "Leakage audit")
+DEFAULT_MAX_DISTANCE = 25  # of 256 bits; chosen on CT-ICH (docs/accuracy.md, "Leakage, intervals and calibration")
 
 
 @dataclass

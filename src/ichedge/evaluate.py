@@ -88,7 +88,7 @@ def write_evaluation(out_root: str | Path, me: ModelEvaluation) -> Path:
         plot_reliability(y, p, plots / "reliability.png")
         plot_confusion(metrics["high_sensitivity"], plots / "confusion_high_sensitivity.png",
                        f"threshold {decision.slice_threshold:.3f} (the model's validated one)")
-        write_json(folder.tmp / METRICS, {**me.summary, **metrics})
+        write_json(folder.tmp / METRICS, {**me.summary, **metrics}, default=str)
         with (folder.tmp / SLICE_PREDICTIONS).open("w", newline="") as fh:
             w = csv.writer(fh)
             w.writerow(["file", "patient", "label", "probability"])

@@ -283,9 +283,11 @@ def evaluate(y: np.ndarray, p: np.ndarray, decision: Decision, groups: np.ndarra
     """Score probabilities ``p`` of slices labelled ``y`` at ``decision``'s thresholds, never
     re-chosen on these data. ``groups`` (patients) adds study metrics and patient-resampled
     intervals; with ``order`` (slice numbers) too, a slice-context stage is applied."""
-    metrics = _at_thresholds(y, p, decision.slice_threshold, decision.study_threshold, decision.study_aggregate,
-                             groups, n_boot)
+    scored = _at_thresholds(y, p, decision.slice_threshold, decision.study_threshold, decision.study_aggregate,
+                            groups, n_boot)
+    metrics = {k: scored[k] for k in ("default", "high_sensitivity", "intervals")}
     metrics["calibration"] = {"ece": expected_calibration_error(y, p)}
+    metrics.update(scored)  # and the study level, where patients are known
     notes = []
     if decision.context is not None and (groups is None or order is None):
         notes.append("the model's slice context not applied: the data has no patient IDs and slice numbers")

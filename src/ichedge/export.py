@@ -144,7 +144,7 @@ def export_run(run_dir: str | Path, calibration_images: int = 200, seed: int = 0
         files["c_source"].write_text(source)
         card = model_card(run, metrics, int8_bytes, files, calibration_images)
         card["thresholds"]["by_runtime"] = runtime_thresholds(run, files, card["thresholds"])
-        export.card(card, model_card_markdown(card))
+        card = export.card(card, model_card_markdown(card))
     return ExportResult(export.folder, {k: export.folder / p.name for k, p in files.items()}, card)
 
 

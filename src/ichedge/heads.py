@@ -35,11 +35,11 @@ from ichedge.registry import Registry
 class FitSettings:
     """What a head's fit may use of a training config."""
 
-    epochs: int = 10
-    learning_rate: float = 1e-3
-    batch_size: int = 32
-    seed: int = 0
-    balanced: bool = True  # class weights n / (2 n_c)
+    epochs: int
+    learning_rate: float
+    batch_size: int
+    seed: int
+    balanced: bool  # class weights n / (2 n_c)
     progress: bool = False
 
 

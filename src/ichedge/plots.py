@@ -1,6 +1,7 @@
 """The plots a run, a sweep and an evaluation write: curves, confusion matrices, ROC, PR, reliability.
 
-Each takes numbers the pure core (:mod:`ichedge.evaluation`) computed and writes one PNG.
+Each takes numbers the pure core (:mod:`ichedge.evaluation`) computed and writes one PNG. Figures
+are made without pyplot, so nothing here touches the caller's matplotlib backend or windows.
 """
 
 from __future__ import annotations
@@ -8,25 +9,21 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
+from sklearn.metrics import precision_recall_curve, roc_auc_score, roc_curve
 
-matplotlib.use("Agg")  # files only, never a window: runs on servers and in CI
-
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from sklearn.metrics import precision_recall_curve, roc_auc_score, roc_curve  # noqa: E402
-
-from ichedge.evaluation import apply_temperature, expected_calibration_error  # noqa: E402
+from ichedge.evaluation import apply_temperature, expected_calibration_error
 
 
 def _save(fig, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def plot_history(history: Mapping[str, Sequence[float]], path: Path) -> None:
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    fig = Figure(figsize=(9, 3.5))
+    axes = fig.subplots(1, 2)
     epochs = np.arange(1, len(history["loss"]) + 1)
     for ax, metric in zip(axes, ("loss", "auc")):
         for prefix, style in (("", "-"), ("val_", "--")):
@@ -45,7 +42,8 @@ def plot_history(history: Mapping[str, Sequence[float]], path: Path) -> None:
 
 def plot_confusion(m: Mapping[str, float], path: Path, title: str) -> None:
     cm = np.array([[m["tn"], m["fp"]], [m["fn"], m["tp"]]])
-    fig, ax = plt.subplots(figsize=(3.8, 3.4))
+    fig = Figure(figsize=(3.8, 3.4))
+    ax = fig.subplots()
     ax.imshow(cm, cmap="Blues")
     for (i, j), v in np.ndenumerate(cm):
         ax.text(j, i, str(v), ha="center", va="center", color="black")
@@ -60,7 +58,8 @@ def plot_confusion(m: Mapping[str, float], path: Path, title: str) -> None:
 def plot_pr(y: np.ndarray, p: np.ndarray, points: Mapping[str, Mapping[str, float]], path: Path) -> None:
     """Precision-recall curve with the operating points marked (the 1:7 imbalance shows here)."""
     precision, recall, _ = precision_recall_curve(y, p)
-    fig, ax = plt.subplots(figsize=(4, 4))
+    fig = Figure(figsize=(4, 4))
+    ax = fig.subplots()
     ax.plot(recall, precision, label="precision-recall")
     ax.axhline(np.mean(y), ls=":", color="grey", label=f"prevalence {np.mean(y):.2f}")
     for name, m in points.items():
@@ -75,7 +74,8 @@ def plot_pr(y: np.ndarray, p: np.ndarray, points: Mapping[str, Mapping[str, floa
 
 def plot_reliability(y: np.ndarray, p: np.ndarray, path: Path, temperature: float | None = None, bins: int = 10) -> None:
     """Observed hemorrhage rate against mean probability per bin, raw and temperature-scaled."""
-    fig, ax = plt.subplots(figsize=(4, 4))
+    fig = Figure(figsize=(4, 4))
+    ax = fig.subplots()
     ax.plot([0, 1], [0, 1], ":", color="grey")
     curves = [("raw", p)] + ([(f"T = {temperature:.2f}", apply_temperature(p, temperature))] if temperature else [])
     for name, q in curves:
@@ -91,7 +91,8 @@ def plot_reliability(y: np.ndarray, p: np.ndarray, path: Path, temperature: floa
 
 def plot_roc(y: np.ndarray, p: np.ndarray, points: Mapping[str, Mapping[str, float]], path: Path) -> None:
     fpr, tpr, _ = roc_curve(y, p)
-    fig, ax = plt.subplots(figsize=(4, 4))
+    fig = Figure(figsize=(4, 4))
+    ax = fig.subplots()
     ax.plot(fpr, tpr, label=f"AUC {roc_auc_score(y, p):.3f}")
     ax.plot([0, 1], [0, 1], ":", color="grey")
     for name, m in points.items():

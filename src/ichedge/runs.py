@@ -14,7 +14,7 @@ of its file names. The layout (docs/run-folder.md)::
                            model_card.json/.md, profile.json
         site_profiles/     thresholds re-chosen on a site's own sample
 
-Layout 1 is the same files without the ``layout`` key (ichedge before 0.2): it opens, upgraded
+Layout 1 is the same files without the ``layout`` key (ichedge 0.1 before this module): it opens, upgraded
 in memory. A layout newer than :data:`LAYOUT_VERSION` is refused with a message. Folders are
 written under a hidden temporary name and renamed into place when complete
 (:func:`new_folder`), so no half-written run is ever seen and nothing is overwritten.
@@ -98,9 +98,9 @@ def new_folder(root: str | Path, name: str, stamp: bool = True, keep_failed: boo
     try:
         yield staging
     except BaseException:
-        if keep_failed and any(staging.tmp.iterdir()):
+        if keep_failed:
             staging.path = _claim(final.with_name(final.name + "-incomplete"), staging.tmp)
-            log.error("stopped early; what was finished is kept in %s", staging.path)
+            log.error("stopped early; finished runs kept in %s", staging.path)
         else:
             shutil.rmtree(staging.tmp, ignore_errors=True)
         raise
@@ -141,13 +141,10 @@ class RunWriter:
     def plot(self, name: str) -> Path:
         return self.folder / PLOTS / f"{name}.png"
 
-    @property
-    def report(self) -> Path:
-        return self.folder / REPORT
 
-
-def write_json(path: Path, data: object) -> None:
-    path.write_text(json.dumps(data, indent=2, default=str))
+def write_json(path: Path, data: object, default=None) -> None:
+    """``data`` as indented JSON; ``default`` as json.dumps takes it (None: unknown types raise)."""
+    path.write_text(json.dumps(data, indent=2, default=default))
 
 
 def _read_json(path: Path) -> dict:
@@ -185,7 +182,7 @@ class RunFolder:
             raise DataError(f"{path}: not a run folder (no {CONFIG})")
         meta = _read_json(path / CONFIG)
         layout = meta.get("layout", 1)
-        if not isinstance(layout, int) or layout > LAYOUT_VERSION:
+        if not isinstance(layout, int) or not 1 <= layout <= LAYOUT_VERSION:
             raise DataError(f"{path}: run folder layout {layout} (ichedge {meta.get('ichedge_version', '?')}); "
                             f"this ichedge reads up to layout {LAYOUT_VERSION}: upgrade ichedge")
         while layout < LAYOUT_VERSION:
@@ -280,7 +277,9 @@ class RunFolder:
 def keras_model_file(path: str | Path) -> Path:
     """The Keras model behind a run folder, a ``.keras`` file, or a .tflite exported from a run."""
     path = Path(path)
-    if path.suffix == ".keras" and path.is_file():
+    if path.suffix == ".keras":
+        if not path.is_file():
+            raise DataError(f"{path}: model file not found")
         return path
     run = RunFolder.of_model(path)
     if run is None:
@@ -310,9 +309,12 @@ class ExportWriter:
     def c_files(self) -> tuple[Path, Path]:
         return self.folder / f"{C_ARRAY}.h", self.folder / f"{C_ARRAY}.cc"
 
-    def card(self, card: dict, markdown: str) -> None:
-        write_json(self.folder / CARD, {"layout": LAYOUT_VERSION, **card})
+    def card(self, card: dict, markdown: str) -> dict:
+        """Write the card (with its layout version) and its Markdown; returns the card as written."""
+        card = {"layout": LAYOUT_VERSION, **card}
+        write_json(self.folder / CARD, card)
         (self.folder / CARD_MARKDOWN).write_text(markdown)
+        return card
 
 
 @dataclass(frozen=True)
@@ -333,7 +335,7 @@ class ExportFolder:
         if not path.is_file():
             raise DataError(f"{self.path}: no {CARD}, so the model's preprocessing and thresholds are unknown")
         card = _read_json(path)
-        if card.get("layout", 1) > LAYOUT_VERSION:
+        if not isinstance(card.get("layout", 1), int) or card.get("layout", 1) > LAYOUT_VERSION:
             raise DataError(f"{path}: layout {card['layout']}; this ichedge reads up to {LAYOUT_VERSION}: "
                             "upgrade ichedge")
         return card
@@ -354,7 +356,3 @@ class ExportFolder:
     @property
     def profile_file(self) -> Path:
         return self.path / PROFILE
-
-    @property
-    def run(self) -> RunFolder:
-        return RunFolder.open(self.path.parent)

@@ -22,6 +22,7 @@ import numpy as np
 from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
 from ichedge.data import DataError
+from ichedge.output import native_output_silenced
 from ichedge.preprocess import Preprocessing
 from ichedge.registry import Registry
 from ichedge.runs import ExportFolder, RunFolder
@@ -147,9 +148,10 @@ class LiteRTPredictor(Predictor):
         else:
             log.warning("%s: LiteRT's XNNPACK delegate crashes on this model; using the builtin kernels", path)
             resolver = OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
-        self.interpreter = Interpreter(model_path=str(path), num_threads=num_threads,
-                                       experimental_op_resolver_type=resolver)
-        self.interpreter.allocate_tensors()
+        with native_output_silenced():  # LiteRT announces its XNNPACK delegate from C++
+            self.interpreter = Interpreter(model_path=str(path), num_threads=num_threads,
+                                           experimental_op_resolver_type=resolver)
+            self.interpreter.allocate_tensors()
         self.input = self.interpreter.get_input_details()[0]
         self.output = self.interpreter.get_output_details()[0]
         self.runtime = ("int8" if self.input["dtype"] == np.int8 else "float32") + (

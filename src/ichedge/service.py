@@ -42,7 +42,7 @@ from ichedge.runtimes import KerasPredictor, LiteRTPredictor, Predictor
 from ichedge.triage import triage
 
 # What `serve` runs from a run folder: the Keras model itself, or one of its exported models.
-BACKENDS = (*EXPORT_MODELS, KerasPredictor.kind)
+BACKENDS = (*reversed(EXPORT_MODELS), KerasPredictor.kind)  # int8 first: the default
 MIB = 1024 * 1024
 
 
@@ -99,9 +99,10 @@ class TriageService:
             raise DataError(f"{self.source}: no validated thresholds recorded with this model")
         self.card = _model_card(self.source)
         self.explainer = None
+        keras_file = keras_model_file(self.source) if explain or self.source.is_dir() else None
         if explain:
-            self.explainer = GradCAM(keras.models.load_model(keras_model_file(self.source)))
-        file = keras_model_file(self.source) if self.source.is_dir() else self.source
+            self.explainer = GradCAM(keras.models.load_model(keras_file))
+        file = keras_file if self.source.is_dir() else self.source
         self.info = {"id": hashlib.sha256(file.read_bytes()).hexdigest()[:12], "kind": self.predictor.kind,
                      "name": self.card.get("model", ""), "ichedge_version": __version__,
                      "heatmaps": self.explainer is not None}

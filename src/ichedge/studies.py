@@ -2,7 +2,7 @@
 
 A clinician triages studies, not slices. A study's score is an aggregate of its slices'
 probabilities; :data:`DEFAULT_AGGREGATE` was picked by measurement on CT-ICH's patient-level
-folds (docs/accuracy.md, "Study-level triage").
+folds (docs/accuracy.md, "Channels, study-level triage and Grad-CAM").
 """
 
 from __future__ import annotations

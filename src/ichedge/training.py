@@ -34,7 +34,7 @@ from ichedge.plots import plot_confusion, plot_history, plot_pr, plot_reliabilit
 from ichedge.preprocess import Loaded, Preprocessing, load_inputs, patient_groups, slice_order
 from ichedge.report import write_run_report
 from ichedge.runs import RunWriter, new_folder
-from ichedge.studies import AGGREGATES, DEFAULT_AGGREGATE
+from ichedge.studies import DEFAULT_AGGREGATE, study_score
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +83,7 @@ class TrainConfig:
         failed = [text for text, ok in checks.items() if not ok]
         if failed:
             raise ValueError("; ".join(failed))
-        if self.study_aggregate not in AGGREGATES:
-            raise ValueError(f"study_aggregate must be one of {', '.join(AGGREGATES)}; got {self.study_aggregate!r}")
+        study_score([0.0], self.study_aggregate)  # ValueError unless an aggregate study_score knows (any topK)
         HEADS.get(self.head).check(self.trim)
         self.preprocessing  # validates size and channel mode
 

@@ -118,7 +118,7 @@ def triage(prepared: Prepared, predictor: Predictor, explain: str = "none", expl
     With ``context`` and a model trained with slice context, each slice is re-scored from its
     study (neighbours, study scores, position) and the context thresholds apply to slices and
     studies; the network's own output is kept in ``SliceResult.network_probability``. Off by
-    default: on CT-ICH it raised slice AUC but not study AUC (README, "Input size and slice
+    default: on CT-ICH it raised slice AUC but not study AUC (docs/accuracy.md, "Input size and slice
     context"). ``explain`` is 'none', 'flagged' (heatmaps of flagged slices) or 'all'; it needs
     ``explainer``, an :class:`ichedge.explain.GradCAM` of the model's Keras version.
     """
