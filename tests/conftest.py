@@ -247,17 +247,18 @@ def run_command(args: list[str], runs: Path) -> CommandRun:
 
 @pytest.fixture(scope="session")
 def cv_sweep(tmp_path_factory: pytest.TempPathFactory) -> CommandRun:
-    """`ichedge sweep --cv 2 --head multilevel --context` of 96x96, alpha 0.35 on 16 synthetic patients."""
+    """`ichedge sweep --cv 2 --context` of 96x96, alpha 0.35 (the paper head, 2 epochs) on 16 synthetic patients."""
     root = tmp_path_factory.mktemp("cv_sweep")
     data = write_manifest(root / "data", patients=16)
-    return run_command(["sweep", "--data", str(data), "--grid", "96x0.35", "--cv", "2", "--head", "multilevel",
-                        "--context"], root / "runs")
+    return run_command(["sweep", "--data", str(data), "--grid", "96x0.35", "--cv", "2", "--epochs", "2", "--context"],
+                       root / "runs")
 
 
 @pytest.fixture(scope="session")
 def interrupted_sweep(tmp_path_factory: pytest.TempPathFactory, synthetic12: Path) -> CommandRun:
-    """`ichedge sweep --head multilevel --context` of 32x32, alpha 0.1 (no ImageNet weights: trained from
-    scratch for 2 epochs, slice context skipped), then alpha 0.35, stopped by Ctrl-C as that one starts."""
+    """`ichedge sweep --context` of 32x32, alpha 0.1 (no ImageNet weights: the paper head and backbone
+    trained from scratch for 2 epochs, slice context skipped), then alpha 0.35, stopped by Ctrl-C as
+    that one starts."""
     real_fit = sweep.fit
 
     def fit_then_stop(config: TrainConfig, *args, **kwargs) -> TrainResult:
@@ -268,11 +269,12 @@ def interrupted_sweep(tmp_path_factory: pytest.TempPathFactory, synthetic12: Pat
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(sweep, "fit", fit_then_stop)
         return run_command(["sweep", "--data", str(synthetic12), "--grid", "32x0.1,32x0.35", "--epochs", "2",
-                            "--head", "multilevel", "--context"], tmp_path_factory.mktemp("interrupted") / "runs")
+                            "--context"], tmp_path_factory.mktemp("interrupted") / "runs")
 
 
 @pytest.fixture(scope="session")
 def slice_sweep(tmp_path_factory: pytest.TempPathFactory, synthetic12: Path) -> CommandRun:
-    """`ichedge sweep --split-by slice --profile` of one 32x32 configuration: leak banners and edge columns."""
-    return run_command(["sweep", "--data", str(synthetic12), "--grid", "32x0.35", "--epochs", "2",
+    """`ichedge sweep --head multilevel --split-by slice --profile` of 32x32, alpha 0.1 (the multilevel head
+    trained from scratch, 2 epochs): leak banners and edge columns."""
+    return run_command(["sweep", "--data", str(synthetic12), "--grid", "32x0.1", "--epochs", "2", "--head", "multilevel",
                         "--split-by", "slice", "--profile"], tmp_path_factory.mktemp("slice_sweep") / "runs")

@@ -93,12 +93,12 @@ def test_upload_a_slice_and_read_the_result_from_the_page(server, browser, tmp_p
     assert (ARTIFACTS / "service_e2e.png").stat().st_size > 10_000
 
 
-def test_reports_render_offline_in_chromium(served_run, browser, tmp_path):
+def test_reports_render_offline_in_chromium(served_run, tiny_export, browser, tmp_path):
     """A training report and an evaluation report open from disk with every plot drawn."""
     from selenium.webdriver.common.by import By
 
     data = RunFolder.open(served_run).meta["dataset"]["source"]
-    model = next(served_run.glob("export*/model_int8.tflite"))
+    model = tiny_export.files["int8"]
     folder, _ = evaluate_model(model, data, tmp_path, n_boot=200, unseen_only=True)
     for name, page in (("report_run", served_run / "report.html"), ("report_evaluation", folder / "report.html")):
         browser.get(page.resolve().as_uri())

@@ -51,9 +51,9 @@ def test_sweep_writes_the_paper_table_with_folds(cv_sweep):
     assert (row["rho"], row["alpha"], row["weights"]) == ("96x96", "0.35", "ImageNet (bundled)")
     assert row["paper accuracy"] == f"{PAPER_RESULTS[(96, 0.35)]['accuracy']:.1f}%"
     assert "±" in row["AUC"] and "±" in row["context AUC"]
-    assert row["training"] == "frozen, logistic multilevel head"
+    assert row["training"] == "frozen 2 ep"
     runs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
-    assert runs == ["96px-a0.35-gray-multilevel-context-fold0", "96px-a0.35-gray-multilevel-context-fold1"]
+    assert runs == ["96px-a0.35-gray-context-fold0", "96px-a0.35-gray-context-fold1"]
     summary = json.loads((sweep / "results.json").read_text())
     assert len(summary[0]["folds"]) == 2
     md = (sweep / "results.md").read_text()
@@ -65,8 +65,8 @@ def test_an_interrupted_sweep_keeps_its_finished_runs(interrupted_sweep):
     kept = interrupted_sweep.folder
     assert interrupted_sweep.code is None, "stopped by Ctrl-C"
     assert kept.name.endswith("-incomplete")
-    assert (kept / "32px-a0.1-gray-multilevel-context" / "model.keras").is_file()
-    assert not (kept / "32px-a0.35-gray-multilevel-context").exists()
+    assert (kept / "32px-a0.1-gray-context" / "model.keras").is_file()
+    assert not (kept / "32px-a0.35-gray-context").exists()
     (row,) = list(csv.DictReader((kept / "results.csv").open()))
     assert (row["rho"], row["alpha"]) == ("32x32", "0.1") and row["weights"].startswith("RANDOM")
     assert row["paper accuracy"] == "-" and row["training"] == "from scratch, 2 ep"
@@ -82,7 +82,7 @@ def test_sweep_profile_adds_the_edge_columns(slice_sweep):
     assert slice_sweep.code == 0
     sweep = slice_sweep.folder
     (row,) = list(csv.DictReader((sweep / "results.csv").open()))
-    flash = (sweep / "32px-a0.35-gray" / "export" / "model_int8.tflite").stat().st_size
+    flash = (sweep / "32px-a0.1-gray-multilevel" / "export" / "model_int8.tflite").stat().st_size
     assert row["flash KiB (int8)"] == f"{flash / 1024:.1f}"
     assert float(row["RAM KiB (TFLM arena)"]) > 0 and float(row["int8 ms"]) > 0
     assert 0 <= float(row["AUC int8"]) <= 1

@@ -115,7 +115,7 @@ def test_context_needs_a_frozen_backbone_and_patients(tmp_path, synthetic_manife
 
 
 def test_random_weights_skip_context_loudly(interrupted_sweep):
-    run = interrupted_sweep.folder / "32px-a0.1-gray-multilevel-context"  # alpha 0.1 has no ImageNet weights
+    run = interrupted_sweep.folder / "32px-a0.1-gray-context"  # alpha 0.1 has no ImageNet weights
     metrics = json.loads((run / "metrics.json").read_text())
     assert "random weights" in metrics["context_skipped"]["reason"]
     assert "NO SLICE CONTEXT" in interrupted_sweep.log and not (run / "context.json").exists()

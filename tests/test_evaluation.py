@@ -1,7 +1,9 @@
 import numpy as np
 import pytest
 
-from ichedge.evaluation import binary_metrics, evaluate_split, summarise_folds, threshold_for_sensitivity
+from ichedge.context import SliceContext
+from ichedge.evaluation import binary_metrics, evaluate, evaluate_split, summarise_folds, threshold_for_sensitivity
+from ichedge.thresholds import ContextDecision, Decision
 
 
 def test_binary_metrics_match_a_hand_count():
@@ -105,3 +107,23 @@ def test_pooled_intervals_use_each_fold_s_own_threshold():
     assert ci["sensitivity"]["value"] == pytest.approx(2 / 3)  # 0.6 >= 0.55 and 0.3 >= 0.28; 0.2 missed
     assert ci["specificity"]["value"] == pytest.approx(1.0)
     assert ci["auc"]["value"] == pytest.approx(6 / 9)  # pooled probabilities, one ranking
+
+
+def test_evaluate_uses_the_models_own_thresholds_and_says_when_context_cannot_apply():
+    rng = np.random.default_rng(0)
+    y = np.tile([0, 0, 1, 1, 0], 8)
+    p = np.clip(0.3 * y + rng.uniform(0, 0.7, len(y)), 0, 1)
+    groups, order = np.repeat([f"p{i}" for i in range(8)], 5), np.tile(np.arange(5.0), 8)
+    plain = Decision(0.4, 0.5, "max", 0.95)
+    ev = evaluate(y, p, plain, groups, order, n_boot=200)
+    assert list(ev.metrics) == ["default", "high_sensitivity", "intervals", "calibration", "study_high_sensitivity"]
+    assert ev.metrics["high_sensitivity"] == binary_metrics(y, p, 0.4) and not ev.notes
+    assert ev.metrics["study_high_sensitivity"]["threshold"] == 0.5 and ev.metrics["study_high_sensitivity"]["n"] == 8
+    context = SliceContext.fit(p, y, groups, order)
+    with_context = Decision(0.4, 0.5, "max", 0.95, ContextDecision(context, 0.45, 0.55))
+    scored = evaluate(y, p, with_context, groups, order, n_boot=200)
+    assert scored.metrics["context_high_sensitivity"] == binary_metrics(y, context.apply(p, groups, order), 0.45)
+    assert scored.metrics["context_study_high_sensitivity"]["threshold"] == 0.55
+    no_order = evaluate(y, p, with_context, groups, None, n_boot=200)
+    assert not any(k.startswith("context_") for k in no_order.metrics)
+    assert no_order.notes == ["the model's slice context not applied: the data has no patient IDs and slice numbers"]

@@ -12,9 +12,9 @@ def _training_manifest(run):
     return RunFolder.open(run).meta["dataset"]["source"]
 
 
-def test_evaluate_on_new_data_reports_intervals_and_no_leak(served_run, tmp_path, capsys):
+def test_evaluate_on_new_data_reports_intervals_and_no_leak(tiny_export, tmp_path, capsys):
     other = write_manifest(tmp_path / "other", patients=6, seed=11)  # not the images the model saw
-    model = next(served_run.glob("export*/model_int8.tflite"))
+    model = tiny_export.files["int8"]
     assert main(["evaluate", str(model), str(other), "--runs", str(tmp_path / "runs"), "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "95% CI, resampling patients" in out and "WARNING" not in out

@@ -55,13 +55,15 @@ def test_page_model_card_and_credit_are_served_offline(client):
     assert client.get("/api/credit").json()["data"]
 
 
-def test_predict_one_slice_matches_the_int8_model_and_has_a_heatmap(client, served_run):
+def test_predict_one_slice_matches_the_int8_model_and_has_a_heatmap(client):
     data = png_bytes(bleed=True, seed=3)
     r = client.post("/api/predict", files=files(("slice.png", data)))
     assert r.status_code == 200
     body = r.json()
     (result,) = body["results"]
-    int8 = Predictor.load(next(served_run.glob("export*/model_int8.tflite")))
+    served = client.app.state.service.source  # the run's latest export
+    assert served.name == "model_int8.tflite"
+    int8 = Predictor.load(served)
     expected = int8.predict(prepare_sources([Source("slice.png", data)], int8.preprocessing).x)[0]
     assert result["probability"] == pytest.approx(float(expected), abs=1e-6)
     assert result["flagged"] == (result["probability"] >= body["slice_threshold"])
