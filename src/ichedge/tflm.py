@@ -7,6 +7,7 @@ becomes a :class:`TFLMError` that says what happened.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import signal
@@ -97,11 +98,22 @@ def run_tflm(model: Path, arena: int, x: np.ndarray | None = None, timeout: floa
         return TFLMRun(report["ok"], outputs, report.get("error", ""))
 
 
+# (model sha256, start, step) -> arena: a search is a dozen child processes, done once per model.
+_ARENAS: dict[tuple[str, int | None, int], int] = {}
+
+
 def find_arena(model: Path, high: int | None = None, step: int = ARENA_STEP) -> int:
     """The smallest tensor arena (to ``step`` bytes) in which TFLM allocates and runs the model.
 
     Doubles from ``high`` until one works, then bisects. Every probe is a fresh child process.
     """
+    key = (hashlib.sha256(Path(model).read_bytes()).hexdigest(), high, step)
+    if key not in _ARENAS:
+        _ARENAS[key] = _search_arena(model, high, step)
+    return _ARENAS[key]
+
+
+def _search_arena(model: Path, high: int | None, step: int) -> int:
     high = high or max(64 * 1024, Path(model).stat().st_size)
     while not _fits(model, high):
         high *= 2
