@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -6,6 +8,8 @@ from ichedge.data import (
     CT_ICH_CREDIT, DataError, bundled_path, check_no_patient_overlap, kfold_splits, load_bundled, read_class_folders,
     read_dataset, read_image, read_manifest, train_val_test_split,
 )
+from ichedge.preprocess import Preprocessing, load_inputs
+from tests.conftest import write_rows
 
 
 def test_bundled_dataset_is_complete_and_credited():
@@ -172,3 +176,31 @@ def test_credit_follows_the_ct_ich_readme(tmp_path, synthetic_manifest):
     assert read_manifest(synthetic_manifest).credit == ""
     (synthetic_manifest.parent / "README.md").write_text("CT-ICH, doi:10.13026/w8q8-ky94")
     assert read_manifest(synthetic_manifest).credit == CT_ICH_CREDIT
+
+
+PHE_SICH = Path(__file__).resolve().parents[2] / "shared" / "data" / "phe-sich"
+
+
+def test_an_image_manifest_reads_windowed_pictures_masks_and_sources(tmp_path):
+    Image.new("L", (40, 40), 90).save(tmp_path / "a.png")
+    Image.new("1", (40, 40), 0).save(tmp_path / "a_mask.png")
+    write_rows(tmp_path / "labels.csv", [
+        {"patient": "p1", "slice": 1, "hemorrhage": 1, "image": "a.png", "mask": "a_mask.png", "source": "site-a"},
+        {"patient": "p2", "slice": 1, "hemorrhage": 0, "image": "a.png", "mask": "", "source": ""},
+    ])
+    ds = read_manifest(tmp_path / "labels.csv")
+    first, second = ds.records
+    assert first.images == {"brain": tmp_path / "a.png"} and first.mask == tmp_path / "a_mask.png"
+    assert first.source == "site-a" and second.mask is None and second.source is None
+    with pytest.raises(DataError, match="missing column.*bone.*an 'image' column is one picture per slice"):
+        read_manifest(tmp_path / "labels.csv", windows=("brain", "bone"))
+
+
+@pytest.mark.skipif(not PHE_SICH.is_dir(), reason="PHE-SICH is read from ../shared (never bundled: non-commercial)")
+def test_the_second_hospital_reads_as_a_manifest_with_masks_and_its_licence():
+    ds = read_dataset(PHE_SICH)
+    assert ds.summary() == "phe-sich: 3478 slices (676 hemorrhage, 2802 normal), patients: 119"
+    assert "non-commercial" in ds.credit and ds.has_slice_order
+    assert all(r.mask is not None and r.mask.is_file() for r in ds.records[:50])
+    loaded = load_inputs(ds, Preprocessing(64), range(3))
+    assert loaded.x.shape == (3, 64, 64, 3) and not loaded.errors

@@ -37,6 +37,12 @@ CT_ICH_CREDIT = (
 
 
 DICOM_KEY = "dicom"  # a record whose image is a DICOM file: every window is computed from its HU
+IMAGE_KEY = "image"  # a manifest column of already windowed pictures (the source's window): read as the brain window
+PHE_SICH_CREDIT = (
+    'PHE-SICH-CT-IDS: Ma D., Li C., Qiao L., et al., "PHE-SICH-CT-IDS: A Benchmark CT Image Dataset for '
+    "Evaluation Semantic Segmentation, Object Detection and Radiomic Feature Extraction of Perihematomal Edema "
+    'in Spontaneous Intracerebral Hemorrhage", arXiv:2308.10521, 2023; licence: non-commercial use only.'
+)
 
 
 class DataError(ValueError):
@@ -52,6 +58,8 @@ class Record:
     patient: str | None = None
     slice: int | None = None
     group: str | None = None  # what splits keep together where patients are unknown (a look-alike cluster)
+    mask: Path | None = None  # a segmentation mask of the slice, where the manifest has one
+    source: str | None = None  # the hospital or collection the slice comes from, where the manifest says
 
     @property
     def key(self) -> str:
@@ -148,7 +156,10 @@ def _parse_row(row: dict, windows: Sequence[str], root: Path) -> Record:
         number = int(slice_no) if slice_no else None
     except ValueError:
         raise ValueError(f"slice must be a whole number, got {slice_no!r}") from None
-    return Record({w: root / row[w].strip() for w in windows}, int(label), patient, number)
+    images = {"brain" if w == IMAGE_KEY else w: root / row[w].strip() for w in windows}
+    mask = (row.get("mask") or "").strip()
+    return Record(images, int(label), patient, number, mask=root / mask if mask else None,
+                  source=(row.get("source") or "").strip() or None)
 
 
 def read_manifest(path: str | Path, windows: Sequence[str] = ("brain",)) -> Dataset:
@@ -156,8 +167,10 @@ def read_manifest(path: str | Path, windows: Sequence[str] = ("brain",)) -> Data
 
     Required columns: ``hemorrhage`` (0/1), ``patient`` and one image-path column per requested
     window (``brain``, ``bone``), relative to the CSV's folder; or instead a ``dicom`` column of
-    DICOM files, from whose HU every window (subdural too) is computed. ``slice`` is optional.
-    A bad row is reported with its line number and left out; the rest is read.
+    DICOM files, from whose HU every window (subdural too) is computed; or an ``image`` column of
+    pictures already windowed by their source, read as the brain window. Optional: ``slice``,
+    ``mask`` (a segmentation mask per slice) and ``source`` (where the slice comes from). A bad
+    row is reported with its line number and left out; the rest is read.
     """
     path = Path(path)
     if not path.is_file():
@@ -166,10 +179,18 @@ def read_manifest(path: str | Path, windows: Sequence[str] = ("brain",)) -> Data
     try:
         with path.open(newline="", encoding="utf-8-sig") as fh:  # -sig: spreadsheet exports
             reader = csv.DictReader(fh)
-            columns = (DICOM_KEY,) if DICOM_KEY in (reader.fieldnames or []) else tuple(windows)
-            missing = {"hemorrhage", "patient", *columns} - set(reader.fieldnames or [])
+            fields = reader.fieldnames or []
+            if DICOM_KEY in fields:
+                columns: tuple[str, ...] = (DICOM_KEY,)
+            elif IMAGE_KEY in fields and tuple(windows) == ("brain",) and "brain" not in fields:
+                columns = (IMAGE_KEY,)
+            else:
+                columns = tuple(windows)
+            missing = {"hemorrhage", "patient", *columns} - set(fields)
             if missing:
-                hint = " (the subdural window needs HU: a 'dicom' column of DICOM files)" if "subdural" in missing else ""
+                hint = (" (the subdural window needs HU: a 'dicom' column of DICOM files)" if "subdural" in missing
+                        else " (an 'image' column is one picture per slice: the gray channel mode only)"
+                        if IMAGE_KEY in fields else "")
                 raise DataError(f"{path}: missing column(s) {', '.join(sorted(missing))}{hint}")
             for line, row in enumerate(reader, start=2):
                 try:
@@ -189,8 +210,11 @@ def read_manifest(path: str | Path, windows: Sequence[str] = ("brain",)) -> Data
         raise DataError(f"{path}: no usable rows")
     ds = Dataset(records, name=path.parent.name, windows=tuple(windows), notes=notes, source=str(path.resolve()))
     readme = path.parent / "README.md"
-    if readme.is_file() and CT_ICH_DOI in readme.read_text(errors="ignore"):
+    text = readme.read_text(errors="ignore") if readme.is_file() else ""
+    if CT_ICH_DOI in text:
         ds.credit = CT_ICH_CREDIT
+    elif "PHE-SICH-CT-IDS" in text:
+        ds.credit = PHE_SICH_CREDIT
     return ds
 
 
