@@ -13,6 +13,7 @@ from sklearn.metrics import roc_auc_score
 from ichedge.context import FEATURES, STAGES, SliceContext, context_features
 from ichedge.data import DataError, read_manifest, train_val_test_split
 from ichedge.evaluation import binary_metrics, evaluate_split
+from ichedge.runs import RunFolder
 from ichedge.sweep import ConfigResult, write_tables
 from ichedge.training import TrainConfig, train
 
@@ -159,7 +160,7 @@ def test_training_with_context_on_real_ct_subset(real_subset, tmp_path):
     assert m["context_default"]["n"] == m["default"]["n"]
     ctx = SliceContext.from_json(json.loads((run / "context.json").read_text()))
     assert ctx == result.context
-    saved = np.load(run / "predictions.npz")
+    saved = RunFolder.open(run).predictions()
     assert not np.allclose(saved["test_context_p"], saved["test_p"]), "context re-scores the slices"
     assert roc_auc_score(saved["test_y"], saved["test_context_p"]) == pytest.approx(m["context_default"]["auc"])
     assert (run / "plots" / "roc_context.png").is_file()

@@ -147,7 +147,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
-    export = ExportFolder(args.export) if args.export else RunFolder.open(args.run).latest_export()
+    export = RunFolder.open(args.run).export(args.export)
     profile = profile_run(args.run, export.path, runs=args.runs_latency)
     print(format_profile(profile))
     print(f"profile: {export.profile_file}")

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import keras
@@ -183,7 +183,7 @@ class PaperHead(Head):
         def refit(train: np.ndarray, score: np.ndarray, k: int) -> np.ndarray:
             keras.utils.set_random_seed(settings.seed + 1 + k)
             fresh = build_head(features.shape[1], head.get_layer("dense").units, head.get_layer("dropout").rate)
-            fit_dense_head(fresh, features, y, train, None, FitSettings(**{**settings.__dict__, "progress": False}))
+            fit_dense_head(fresh, features, y, train, None, replace(settings, progress=False))
             return fresh.predict(features[score], batch_size=256, verbose=0).reshape(-1)
 
         return FrozenFit(history, refit)

@@ -16,7 +16,7 @@ from ai_edge_litert.interpreter import Interpreter
 
 from ichedge.data import DataError
 from ichedge.evaluation import binary_metrics
-from ichedge.runs import ExportFolder, RunFolder
+from ichedge.runs import RunFolder
 from ichedge.runtimes import LiteRTPredictor, Predictor
 from ichedge.tflm import find_arena, run_tflm
 
@@ -76,7 +76,7 @@ def profile_run(run_dir: str | Path, export_dir: str | Path | None = None, runs:
                 tflm_images: int = 32) -> dict:
     """Profile an exported run: sizes, compute, TFLM memory and agreement, latency, accuracy."""
     run = RunFolder.open(run_dir)
-    export = ExportFolder(Path(export_dir)) if export_dir else run.latest_export()
+    export = run.export(export_dir)
     meta = run.meta
     keras_p = Predictor.load(run.path)
     int8 = Predictor.load(export.model_file("int8"), num_threads=1)

@@ -263,6 +263,10 @@ class RunFolder:
         found = [ExportFolder(p) for p in self.path.glob(f"{EXPORT}*") if (p / EXPORT_MODELS["int8"]).is_file()]
         return sorted(found, key=lambda e: e.path.stat().st_mtime)
 
+    def export(self, path: str | Path | None = None) -> ExportFolder:
+        """The export at ``path``, or this run's latest when none is given."""
+        return ExportFolder(Path(path)) if path else self.latest_export()
+
     def latest_export(self) -> ExportFolder:
         exports = self.exports()
         if not exports:
