@@ -6,8 +6,10 @@ RUNS ?= runs
 # The full-resolution CT-ICH (650x650 JPEGs) for inputs above the bundle's 160x160.
 CT_ICH ?= ../shared/data/ct-ich/labels.csv
 SEED ?= 0
+# The second hospital (non-commercial licence: read from there, never bundled).
+PHE_SICH ?= ../shared/data/phe-sich/labels.csv
 
-.PHONY: setup browser demo test test-fast sweep cv context best robustness bench ablation load clean-venv
+.PHONY: setup browser demo test test-fast sweep cv context best crosssite robustness bench ablation load clean-venv
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
@@ -58,6 +60,13 @@ context: setup
 best: setup
 	$(BIN)/ichedge sweep --cv --data $(CT_ICH) --grid 224x0.35 --head multilevel --context --seed $(SEED) \
 	  --runs $(RUNS) --quiet
+
+# Issue 15's cross-site protocol for `make demo`'s and `make best`'s configurations: trained on CT-ICH
+# only and on CT-ICH + PHE-SICH, tested on each site's held-out patients (5 patient folds).
+crosssite: setup
+	$(BIN)/ichedge crosssite --data $(CT_ICH) --other $(PHE_SICH) --size 160 --alpha 0.35 --seed $(SEED) --runs $(RUNS) --quiet
+	$(BIN)/ichedge crosssite --data $(CT_ICH) --other $(PHE_SICH) --size 224 --alpha 0.35 --head multilevel --context \
+	  --seed $(SEED) --runs $(RUNS) --quiet
 
 # How firm `make best` is: taps chosen by nested CV, and thresholds from out-of-fold scores (fold seeds 0-4).
 robustness: setup

@@ -247,11 +247,12 @@ def run_command(args: list[str], runs: Path) -> CommandRun:
 
 @pytest.fixture(scope="session")
 def cv_sweep(tmp_path_factory: pytest.TempPathFactory) -> CommandRun:
-    """`ichedge sweep --cv 2 --context` of 96x96, alpha 0.35 (the paper head, 2 epochs) on 16 synthetic patients."""
+    """`ichedge sweep --cv 2 --context` of 96x96, alpha 0.35 (the paper head, 2 epochs) on two synthetic
+    sources of 8 patients each (`--data` twice, patient numbers shared by both)."""
     root = tmp_path_factory.mktemp("cv_sweep")
-    data = write_manifest(root / "data", patients=16)
-    return run_command(["sweep", "--data", str(data), "--grid", "96x0.35", "--cv", "2", "--epochs", "2", "--context"],
-                       root / "runs")
+    a, b = write_manifest(root / "site-a", patients=8), write_manifest(root / "site-b", patients=8, seed=1)
+    return run_command(["sweep", "--data", str(a), "--data", str(b), "--grid", "96x0.35", "--cv", "2", "--epochs", "2",
+                        "--context"], root / "runs")
 
 
 @pytest.fixture(scope="session")

@@ -59,6 +59,12 @@ def test_sweep_writes_the_paper_table_with_folds(cv_sweep):
     md = (sweep / "results.md").read_text()
     assert "| rho | alpha | weights |" in md and "2 folds grouped by patient" in md
     assert md in cv_sweep.out, "the command prints the table it wrote"
+    for site in ("site-a", "site-b"):  # two --data: every figure per source too
+        assert "±" in row[f"{site} AUC"] and row[f"{site} hs sensitivity"].endswith("%")
+    config = json.loads((sweep / runs[0] / "config.json").read_text())
+    assert [s["name"] for s in config["dataset"]["sources"]] == ["site-a", "site-b"]
+    assert {k.split(":")[0] for k in config["split"]["test"]} == {"site-a", "site-b"}
+    assert "Source: site-b" in (sweep / runs[0] / "report.html").read_text()
 
 
 def test_an_interrupted_sweep_keeps_its_finished_runs(interrupted_sweep):

@@ -4,12 +4,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from sklearn.model_selection import StratifiedGroupKFold
+
 from ichedge.data import (
-    CT_ICH_CREDIT, DataError, bundled_path, check_no_patient_overlap, kfold_splits, load_bundled, read_class_folders,
-    read_dataset, read_image, read_manifest, train_val_test_split,
+    CT_ICH_CREDIT, CT_ICH_LICENCE, UNKNOWN_LICENCE, DataError, bundled_path, check_no_patient_overlap, kfold_splits,
+    load_bundled, read_class_folders, read_dataset, read_image, read_manifest, train_val_test_split,
 )
 from ichedge.preprocess import Preprocessing, load_inputs
-from tests.conftest import write_rows
+from tests.conftest import write_manifest, write_rows
 
 
 def test_bundled_dataset_is_complete_and_credited():
@@ -204,3 +206,49 @@ def test_the_second_hospital_reads_as_a_manifest_with_masks_and_its_licence():
     assert all(r.mask is not None and r.mask.is_file() for r in ds.records[:50])
     loaded = load_inputs(ds, Preprocessing(64), range(3))
     assert loaded.x.shape == (3, 64, 64, 3) and not loaded.errors
+
+
+def test_several_sources_namespace_patients_and_keep_each_licence(tmp_path):
+    a = write_manifest(tmp_path / "Site A", patients=8)
+    b = write_manifest(tmp_path / "site-b", patients=6, seed=1)  # patients 0..5 again: another hospital's
+    (b.parent / "README.md").write_text("CT-ICH, doi:10.13026/w8q8-ky94")
+    ds = read_dataset([a, b])
+    assert len(ds) == 14 * 6 and len(set(ds.groups)) == 14, "patient 3 of A is not patient 3 of B"
+    assert ds.records[0].key == "site-a:0/1" and ds.records[-1].key == "ct-ich:5/6"
+    assert set(ds.record_sources) == {"site-a", "ct-ich"}
+    assert [(s["name"], s["licence"]) for s in ds.provenance()] == [("site-a", UNKNOWN_LICENCE), ("ct-ich", CT_ICH_LICENCE)]
+    assert ds.source == [str(a.resolve()), str(b.resolve())]
+    assert read_dataset([a]).summary() == read_manifest(a).summary(), "one --data is just that dataset"
+    sources, y = ds.record_sources, ds.labels
+    for split in kfold_splits(ds, folds=2, seed=0):
+        check_no_patient_overlap(ds, split)
+        for part in (split.train, split.test):  # each site's bleeds and normals on both sides
+            assert {(s, int(label)) for s, label in zip(sources[part], y[part])} == {
+                (s, c) for s in ("site-a", "ct-ich") for c in (0, 1)}
+
+
+def test_one_source_splits_exactly_as_stratifying_by_label(synthetic_manifest):
+    ds = read_manifest(synthetic_manifest)
+    assert (ds.strata == ds.labels).all()
+    expected = StratifiedGroupKFold(4, shuffle=True, random_state=3).split(ds.labels, ds.labels, ds.groups)
+    got = kfold_splits(ds, folds=4, seed=3)
+    assert [sorted(t) for _, t in expected] == [sorted(s.test) for s in got]
+
+
+def test_patients_match_across_copies_of_a_known_collection_only(tmp_path):
+    first, second = (write_manifest(tmp_path / d / "data", patients=2) for d in ("x", "y"))
+    assert set(read_manifest(first).origins).isdisjoint(read_manifest(second).origins), \
+        "two unknown collections in same-named folders are different patients"
+    for m in (first, second):
+        (m.parent / "README.md").write_text("CT-ICH, doi:10.13026/w8q8-ky94")
+    assert set(read_manifest(first).origins) == set(read_manifest(second).origins) == {"ct-ich:0", "ct-ich:1"}
+    assert set(load_bundled().origins) >= {"ct-ich:49"}, "the bundled copy is CT-ICH too"
+
+
+def test_sources_of_one_kind_only(tmp_path, synthetic_manifest):
+    folders = tmp_path / "folders"
+    for c in ("normal", "hemorrhagic"):
+        (folders / c).mkdir(parents=True)
+        Image.new("L", (8, 8)).save(folders / c / "a.png")
+    with pytest.raises(DataError, match="every source needs patient IDs, or none"):
+        read_dataset([synthetic_manifest, folders])

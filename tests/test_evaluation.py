@@ -2,7 +2,9 @@ import numpy as np
 import pytest
 
 from ichedge.context import SliceContext
-from ichedge.evaluation import binary_metrics, evaluate, evaluate_split, summarise_folds, threshold_for_sensitivity
+from ichedge.evaluation import (
+    binary_metrics, evaluate, evaluate_split, per_source, summarise_folds, threshold_for_sensitivity,
+)
 from ichedge.thresholds import ContextDecision, Decision
 
 
@@ -127,3 +129,19 @@ def test_evaluate_uses_the_models_own_thresholds_and_says_when_context_cannot_ap
     no_order = evaluate(y, p, with_context, groups, None, n_boot=200)
     assert not any(k.startswith("context_") for k in no_order.metrics)
     assert no_order.notes == ["the model's slice context not applied: the data has no patient IDs and slice numbers"]
+
+
+def test_each_source_is_scored_at_the_same_thresholds():
+    rng = np.random.default_rng(0)
+    y = np.tile([0, 1], 20)
+    p = np.clip(0.3 * y + rng.uniform(0, 0.7, 40), 0, 1)
+    sources = np.array(["a"] * 24 + ["b"] * 16)
+    groups = np.array([f"{s}:{i // 4}" for i, s in enumerate(sources)])
+    assert per_source(np.array(["a"] * 40), y, p, 0.4, 0.6, "max", groups) == {}, "one source: nothing more"
+    by = per_source(sources, y, p, 0.4, 0.6, "max", groups, n_boot=50)["by_source"]
+    for name, m in by.items():
+        mask = sources == name
+        assert m["high_sensitivity"] == binary_metrics(y[mask], p[mask], 0.4)
+        assert m["study_high_sensitivity"]["threshold"] == 0.6 and m["study_high_sensitivity"]["n"] == mask.sum() // 4
+    only_bleeds = per_source(sources, np.ones(40, int), p, 0.4, 0.6, "max", groups, n_boot=20)["by_source"]["b"]
+    assert np.isnan(only_bleeds["default"]["auc"]) and np.isnan(only_bleeds["high_sensitivity"]["specificity"])

@@ -4,7 +4,7 @@ import html
 import json
 
 from ichedge.cli import main
-from ichedge.runs import RunFolder
+from ichedge.runs import ExportFolder, RunFolder
 from tests.conftest import write_manifest
 
 
@@ -32,9 +32,9 @@ def test_evaluate_on_new_data_reports_intervals_and_no_leak(tiny_export, tmp_pat
 def test_evaluating_on_the_training_data_is_flagged_and_can_be_restricted(served_run, tmp_path, capsys):
     data = _training_manifest(served_run)
     assert main(["evaluate", str(served_run), data, "--runs", str(tmp_path / "all"), "--quiet"]) == 0
-    assert "slices were in the model's training or validation split" in capsys.readouterr().out
+    assert "slices belong to the model's training or validation patients" in capsys.readouterr().out
     (folder,) = (tmp_path / "all").iterdir()
-    assert "were in this model's training or validation split" in html.unescape((folder / "report.html").read_text())
+    assert "belong to this model's training or validation patients" in html.unescape((folder / "report.html").read_text())
     assert main(["evaluate", str(served_run), data, "--runs", str(tmp_path / "unseen"), "--unseen-only", "--quiet"]) == 0
     (folder,) = (tmp_path / "unseen").iterdir()
     m = json.loads((folder / "metrics.json").read_text())
@@ -58,3 +58,24 @@ def test_slice_split_sweep_report_carries_the_leak_banner(slice_sweep):
     assert "likely inflated" in page and "report.html" in page
     run = next(p for p in sweep.iterdir() if p.is_dir())
     assert "likely inflated" in (run / "report.html").read_text()
+
+
+def test_evaluate_on_two_sources_reports_each_and_flags_only_the_seen_patients(served_run, tmp_path, capsys):
+    trained_on = _training_manifest(served_run)
+    other = write_manifest(tmp_path / "other-site", patients=4, seed=5)
+    assert main(["evaluate", str(served_run), trained_on, str(other), "--runs", str(tmp_path / "runs"), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    (folder,) = (tmp_path / "runs").iterdir()
+    m = json.loads((folder / "metrics.json").read_text())
+    split = RunFolder.open(served_run).meta["split"]
+    assert m["slices_seen_in_training"] == len(split["train"]) + len(split["val"]), "the other site's patients 0-3 are not"
+    by = m["by_source"]
+    assert by["other-site"]["default"]["n"] == 4 * 6 and by["other-site"]["high_sensitivity"]["threshold"] == \
+        m["high_sensitivity"]["threshold"]
+    assert "  other-site (24 slices): AUC" in out and "Source: other-site" in (folder / "report.html").read_text()
+
+
+def test_the_model_card_lists_each_training_source_with_its_licence(tiny_export):
+    (source,) = tiny_export.card["training_sources"]
+    assert source["licence"].startswith("not stated with the data") and source["slices"] == 72
+    assert "## Training data and licences" in ExportFolder(tiny_export.folder).card_markdown.read_text()

@@ -12,8 +12,10 @@ from pathlib import Path
 
 import keras
 
+from ichedge.acceptance import DEFAULT_CONFIDENCE, DEFAULT_SENSITIVITY, DEFAULT_SITE, calibrate_site, format_calibration
 from ichedge.audit import DEFAULT_MAX_DISTANCE, audit, group_by_clusters, run_audit
 from ichedge.channels import CHANNEL_MODES
+from ichedge.crosssite import cross_site, markdown, write_cross_site
 from ichedge.data import DataError, Dataset, read_dataset, train_val_test_split
 from ichedge.evaluate import evaluate_model
 from ichedge.explain import GradCAM
@@ -35,7 +37,9 @@ from ichedge.triage import triage, write_triage
 
 def _config_args(p: argparse.ArgumentParser, single: bool) -> None:
     d = TrainConfig()
-    p.add_argument("--data", type=Path, help="CSV manifest, folder with labels.csv, or class folders (default: bundled CT-ICH)")
+    p.add_argument("--data", type=Path, action="append",
+                   help="CSV manifest, folder with labels.csv, or class folders (default: bundled CT-ICH); give it "
+                        "again to train on several sources (patients namespaced by source, splits stratified by it)")
     if single:
         p.add_argument("--size", type=int, default=d.size, help="input resolution rho (square)")
         p.add_argument("--alpha", type=float, default=d.alpha, help="MobileNetV2 width multiplier")
@@ -123,8 +127,21 @@ def cmd_train(args: argparse.Namespace) -> int:
               f"specificity {chs['specificity']:.3f}")
     elif "context_skipped" in result.metrics:
         print(f"WARNING: NO SLICE CONTEXT: {result.metrics['context_skipped']['reason']}")
+    _print_sources(result.metrics)
     print(f"run folder: {run}")
     return 0
+
+
+def _print_sources(metrics: dict) -> None:
+    """One line per source where the data has several: the same thresholds, each site's figures."""
+    for name, m in metrics.get("by_source", {}).items():
+        d, hs = m["default"], m["high_sensitivity"]
+        line = (f"  {name} ({d['n']} slices): AUC {d['auc']:.3f}; at {hs['threshold']:.3f} sensitivity "
+                f"{hs['sensitivity']:.3f}  specificity {hs['specificity']:.3f}")
+        if "study_high_sensitivity" in m:
+            st = m["study_high_sensitivity"]
+            line += f"; patients {st['n']}: sensitivity {st['sensitivity']:.3f}  specificity {st['specificity']:.3f}"
+        print(line)
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -138,8 +155,20 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_crosssite(args: argparse.Namespace) -> int:
+    config = _config(args)
+    home = _dataset(args, config)
+    other = read_dataset(args.other, config.preprocessing.windows)
+    print(other.summary())
+    result = cross_site(config, home, other, folds=args.folds, seed=config.seed, progress=progress_wanted(args.quiet))
+    folder = write_cross_site(args.runs, result, home, other)
+    print(markdown(result))
+    print(f"cross-site folder: {folder}")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
-    result = export_run(args.run, calibration_images=args.calibration_images)
+    result = export_run(args.run, calibration_images=args.calibration_images, site=args.site)
     for name, path in result.files.items():
         print(f"{name:>9}: {path} ({path.stat().st_size / 1024:.1f} KiB)")
     print(f"model card: {ExportFolder(result.folder).card_markdown}")
@@ -156,7 +185,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     explain = "all" if args.explain_all else "flagged" if args.explain else "none"
-    predictor = Predictor.load(args.model)
+    predictor = Predictor.load(args.model, site=args.site)
     explainer = None
     if explain != "none":
         explainer = GradCAM(keras.models.load_model(keras_model_file(args.model)))
@@ -166,7 +195,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     result = triage(prepared, predictor, explain, explainer, context=args.context)
     folder = write_triage(args.out, result, prepared, predictor)
     print(f"{len(result.slices)} slice(s) in {len(result.studies)} stud(ies), {result.scoring} scores; slice threshold "
-          f"{result.slice_threshold:.3f}, study: {predictor.decision.study_aggregate} of slices >= {result.study_threshold:.3f}")
+          f"{result.slice_threshold:.3f}, study: {predictor.decision.study_aggregate} of slices >= {result.study_threshold:.3f}"
+          + (f" (site profile {predictor.decision.site})" if predictor.decision.site else ""))
     for rank, s in enumerate(result.studies, 1):
         print(f"{rank:>3}. {'FLAG' if s.flagged else '    '} {s.score:.3f}  {s.study}  ({s.slices} slices)")
     for e in result.errors:
@@ -177,13 +207,29 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0 if result.slices or not result.errors else 2
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    done = calibrate_site(args.model, args.data, args.site, args.sensitivity, args.confidence, args.backend,
+                          seed=args.seed, progress=progress_wanted(args.quiet))
+    model = done.profile["model"]
+    print(f"site {args.site}: {model['file']} ({model['runtime']}) on {done.profile['sample']['data']}")
+    print("\n".join(format_calibration(done.calibration)))
+    print(f"site profile: {done.path}")
+    print(f"use it: ichedge predict|serve --site {args.site} ..., or ichedge export --site {args.site} ...")
+    return 0
+
+
+def _site_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--site", help="use this site's thresholds (its newest profile from `ichedge calibrate`) instead "
+                                  "of the validated ones")
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"WARNING: listening on {args.host}: anyone who can reach this machine can upload scans")
     limits = Limits(max_files=args.max_files, max_file_bytes=int(args.max_file_mb * MIB))
     print(f"ichedge triage on http://{args.host}:{args.port}/ (Ctrl-C stops it)")
     serve(args.model, args.host, args.port, backend=args.backend, limits=limits,
-          keep_uploads=args.keep_uploads, explain=not args.no_heatmaps)
+          keep_uploads=args.keep_uploads, explain=not args.no_heatmaps, site=args.site)
     return 0
 
 
@@ -199,7 +245,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    folder, m = evaluate_model(args.model, args.data, args.runs, progress=progress_wanted(args.quiet),
+    folder, m = evaluate_model(args.model, args.data or None, args.runs, progress=progress_wanted(args.quiet),
                                unseen_only=args.unseen_only)
     print(m["dataset"])
     ci = m["intervals"]
@@ -220,8 +266,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         t = m["context_high_sensitivity"]["threshold"]
         print(f"  at {t:.3f}: sensitivity {interval(ci['high_sensitivity']['sensitivity'])}  "
               f"specificity {interval(ci['high_sensitivity']['specificity'])}")
+    _print_sources(m)
     if m["slices_seen_in_training"]:
-        print(f"WARNING: {m['slices_seen_in_training']} slices were in the model's training or validation split: "
+        print(f"WARNING: {m['slices_seen_in_training']} slices belong to the model's training or validation patients: "
               "inflated (--unseen-only leaves them out)")
     print(f"report: {folder / REPORT}")
     return 0
@@ -249,9 +296,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", action="store_true",
                    help="export and profile each configuration (first fold): flash, arena, latency, int8 AUC")
     p.set_defaults(func=cmd_sweep)
+    p = command("crosssite", help="train at one site and at both, test at each: AUC, sensitivity and specificity "
+                                  "at the shipped threshold, threshold drift (patient folds)")
+    _config_args(p, single=True)
+    p.add_argument("--other", type=Path, required=True, help="the second site's data (manifest or folder)")
+    p.add_argument("--cv", type=int, default=5, metavar="K", dest="folds", help="patient folds over both sites")
+    p.set_defaults(func=cmd_crosssite)
     p = command("export", help="write float32 and int8 .tflite, a C array and a model card for a run")
     p.add_argument("run", type=Path, help="run folder")
     p.add_argument("--calibration-images", type=int, default=200, help="training-split images for int8 calibration")
+    p.add_argument("--site", help="write this site's thresholds (its newest `ichedge calibrate` profile) into the "
+                                  "model card, with its bounds: ichedge then applies them to this export")
     p.set_defaults(func=cmd_export)
     p = command("profile", help="parameters, MACs, flash, TFLM arena, latency and int8-vs-float accuracy")
     p.add_argument("run", type=Path, help="run folder (exported)")
@@ -267,7 +322,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="re-score slices with the model's slice-context stage (see `train --context`): whole "
                         "studies only; it raised slice AUC but not study AUC on CT-ICH")
     p.add_argument("--out", type=Path, default=Path("runs"), help="folder that receives the new results folder")
+    _site_arg(p)
     p.set_defaults(func=cmd_predict)
+    p = command("calibrate", help="on-site acceptance: thresholds for a target sensitivity, with a lower confidence "
+                                  "bound, from a site's own labelled patients; writes a site profile")
+    p.add_argument("model", type=Path, help="run folder, or a .keras/.tflite inside one (the profile is kept there)")
+    p.add_argument("data", type=Path, help="the site's labelled sample, with patient IDs (manifest or folder)")
+    p.add_argument("--site", default=DEFAULT_SITE,
+                   help=f"site name (letters, digits, '-', '_'; default {DEFAULT_SITE}); each run adds a profile")
+    p.add_argument("--sensitivity", type=float, default=DEFAULT_SENSITIVITY, help="target sensitivity")
+    p.add_argument("--confidence", type=float, default=DEFAULT_CONFIDENCE,
+                   help="one-sided confidence of the lower bound that must reach the target")
+    p.add_argument("--backend", choices=BACKENDS,
+                   help="for a run folder: the runtime the site will run (default: int8 if exported, else keras)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the patient bootstrap (slice-level bound)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar (drawn only on a terminal anyway)")
+    p.set_defaults(func=cmd_calibrate)
     p = command("audit", help="exact and near-duplicate images, and near twins across a split")
     p.add_argument("data", nargs="?", type=Path, help="dataset (default: bundled CT-ICH)")
     p.add_argument("--max-distance", type=int, default=DEFAULT_MAX_DISTANCE,
@@ -278,7 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_audit)
     p = command("evaluate", help="a trained or exported model on any dataset: metrics, 95%% CIs, report")
     p.add_argument("model", type=Path, help="run folder, .keras or .tflite")
-    p.add_argument("data", nargs="?", type=Path, help="dataset (default: bundled CT-ICH)")
+    p.add_argument("data", nargs="*", type=Path,
+                   help="dataset(s) (default: bundled CT-ICH); several are reported together and per source")
     p.add_argument("--runs", type=Path, default=Path("runs"))
     p.add_argument("--unseen-only", action="store_true",
                    help="leave out the slices of the model's own training and validation patients")
@@ -293,6 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-file-mb", type=float, default=16, help="size of one file")
     p.add_argument("--keep-uploads", type=Path, help="save usable uploads here (DICOM de-identified); default: never")
     p.add_argument("--no-heatmaps", action="store_true", help="skip Grad-CAM (no Keras model needed)")
+    _site_arg(p)
     p.set_defaults(func=cmd_serve)
     return parser
 

@@ -11,9 +11,10 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import re
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 
@@ -29,6 +30,9 @@ NEGATIVE_FOLDERS = {"normal", "negative", "no_hemorrhage", "healthy"}
 SPLIT_FOLDERS = {"train", "training", "test", "testing", "val", "valid", "validation"}
 
 CT_ICH_DOI = "10.13026/w8q8-ky94"
+CT_ICH_LICENCE = "CC BY 4.0"
+PHE_SICH_LICENCE = "non-commercial use only"
+UNKNOWN_LICENCE = "not stated with the data: check before any use beyond research"
 CT_ICH_CREDIT = (
     'CT-ICH: "Computed Tomography Images for Intracranial Hemorrhage Detection and '
     'Segmentation" v1.0.0, Hssayeni M.D., Croock M.S., Al-Ani A., Al-khafaji H.F., Yahya Z.A., '
@@ -80,7 +84,11 @@ class Dataset:
     credit: str = ""
     has_patients: bool = True
     notes: list[str] = field(default_factory=list)
-    source: str = "bundled"  # what read_dataset() reopens it from: a path, or "bundled"
+    source: str | list[str] = "bundled"  # what read_dataset() reopens it from: a path, "bundled", or a list of them
+    licence: str = UNKNOWN_LICENCE
+    tag: str = "data"  # a short name of the source: the namespace of its patients in a combined dataset
+    collection: str = ""  # a known public collection ("ct-ich"), whichever copy of it was read
+    parts: list[Dataset] = field(default_factory=list)  # the sources of a combined dataset (see combine)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -91,6 +99,34 @@ class Dataset:
     @property
     def labels(self) -> np.ndarray:
         return np.array([r.label for r in self.records], dtype=np.int64)
+
+    @property
+    def record_sources(self) -> np.ndarray:
+        """Each record's source: its manifest's ``source`` column, else the tag of the data it was read from."""
+        return np.array([r.source or self.tag for r in self.records])
+
+    @property
+    def strata(self) -> np.ndarray:
+        """What splits stratify on: the label within each source (just the label for one source),
+        so that every part of a split gets each site's bleeds and normals in proportion."""
+        names, index = np.unique(self.record_sources, return_inverse=True)
+        return self.labels + 2 * index.astype(np.int64) if len(names) > 1 else self.labels
+
+    @property
+    def origins(self) -> np.ndarray:
+        """Where each record comes from, comparable across datasets: ``collection:patient`` for a
+        known public collection (so a patient read from another copy of CT-ICH matches), else
+        ``manifest path:patient``; the image file itself without patient IDs."""
+        if self.parts:
+            return np.concatenate([part.origins for part in self.parts])
+        if not self.has_patients:
+            return np.array([str(r.path.resolve()) for r in self.records])
+        return np.array([f"{self.collection or self.source}:{r.patient}" for r in self.records])
+
+    def provenance(self) -> list[dict]:
+        """Each source the data comes from, with its licence, as run configs and model cards list them."""
+        return [{"name": part.tag, "data": str(part.source), "slices": len(part), "licence": part.licence,
+                 "credit": part.credit or "none recorded"} for part in (self.parts or [self])]
 
     @property
     def split_unit(self) -> str:
@@ -133,8 +169,7 @@ def load_bundled(windows: Sequence[str] = ("brain",)) -> Dataset:
     """The bundled CT-ICH dataset: 2,501 slices from 82 patients, CC BY 4.0."""
     ds = read_manifest(bundled_path() / "labels.csv", windows=windows)
     ds.name = "CT-ICH (bundled, 160x160)"
-    ds.credit = CT_ICH_CREDIT
-    ds.source = "bundled"
+    ds.credit, ds.licence, ds.source, ds.tag, ds.collection = CT_ICH_CREDIT, CT_ICH_LICENCE, "bundled", "ct-ich", "ct-ich"
     return ds
 
 
@@ -208,14 +243,22 @@ def read_manifest(path: str | Path, windows: Sequence[str] = ("brain",)) -> Data
         log.warning(note)
     if not records:
         raise DataError(f"{path}: no usable rows")
-    ds = Dataset(records, name=path.parent.name, windows=tuple(windows), notes=notes, source=str(path.resolve()))
+    ds = Dataset(records, name=path.parent.name, windows=tuple(windows), notes=notes, source=str(path.resolve()),
+                 tag=_tag(path.parent.name))
     readme = path.parent / "README.md"
     text = readme.read_text(errors="ignore") if readme.is_file() else ""
     if CT_ICH_DOI in text:
-        ds.credit = CT_ICH_CREDIT
+        ds.credit, ds.licence, ds.tag = CT_ICH_CREDIT, CT_ICH_LICENCE, "ct-ich"
+        ds.collection = ds.tag
     elif "PHE-SICH-CT-IDS" in text:
-        ds.credit = PHE_SICH_CREDIT
+        ds.credit, ds.licence, ds.tag = PHE_SICH_CREDIT, PHE_SICH_LICENCE, "phe-sich"
+        ds.collection = ds.tag
     return ds
+
+
+def _tag(name: str) -> str:
+    """A folder name as a short source name: lower case, no separators a patient key uses."""
+    return re.sub(r"[^a-z0-9_.-]+", "-", name.lower()).strip("-") or "data"
 
 
 def _class_of(folder: str) -> int | None:
@@ -250,14 +293,19 @@ def read_class_folders(root: str | Path) -> Dataset:
         )
     if len({r.label for r in records}) < 2:
         raise DataError(f"{root}: found only one class; need normal and hemorrhagic folders")
-    return Dataset(records, name=root.name, windows=("brain",), has_patients=False, source=str(root.resolve()))
+    return Dataset(records, name=root.name, windows=("brain",), has_patients=False, source=str(root.resolve()),
+                   tag=_tag(root.name))
 
 
-def read_dataset(path: str | Path | None, windows: Sequence[str] = ("brain",)) -> Dataset:
-    """Open whatever the user points at: nothing (the bundled set), a CSV manifest or a folder.
+def read_dataset(path: str | Path | Sequence[str | Path] | None, windows: Sequence[str] = ("brain",)) -> Dataset:
+    """Open whatever the user points at: nothing (the bundled set), a CSV manifest or a folder,
+    or a list of them (several sources, combined by :func:`combine`).
 
     A folder holding ``labels.csv`` is read as a manifest, any other folder as class folders.
     """
+    if isinstance(path, (list, tuple)):
+        parts = [read_dataset(p, windows) for p in path]
+        return parts[0] if len(parts) == 1 else combine(parts)
     if path is None or str(path) == "bundled":
         return load_bundled(windows)
     path = Path(path)
@@ -268,6 +316,28 @@ def read_dataset(path: str | Path | None, windows: Sequence[str] = ("brain",)) -
     if tuple(windows) != ("brain",):
         raise DataError(f"{path}: class-folder layouts have one image per slice; use one window")
     return read_class_folders(path)
+
+
+def combine(parts: Sequence[Dataset]) -> Dataset:
+    """Several sources as one dataset: patient keys become ``source:patient`` (two hospitals may
+    both have a patient 49), each record keeps its source, and each part its credit and licence."""
+    tags: list[str] = []
+    for part in parts:
+        tag = part.tag
+        while tag in tags:  # two folders of the same name
+            tag += "+"
+        tags.append(tag)
+    if len({p.has_patients for p in parts}) > 1:
+        raise DataError("every source needs patient IDs, or none: "
+                        + ", ".join(f"{p.name} ({'patients' if p.has_patients else 'no patient IDs'})" for p in parts))
+    spaced = lambda tag, value: None if value is None else f"{tag}:{value}"  # noqa: E731
+    records = [replace(r, patient=spaced(tag, r.patient), group=spaced(tag, r.group), source=r.source or tag)
+               for tag, part in zip(tags, parts) for r in part.records]
+    return Dataset(records, name=" + ".join(p.name for p in parts), windows=parts[0].windows,
+                   credit="\n".join(p.credit for p in parts if p.credit), has_patients=parts[0].has_patients,
+                   notes=[n for p in parts for n in p.notes], source=[str(p.source) for p in parts],
+                   licence="; ".join(f"{t}: {p.licence}" for t, p in zip(tags, parts)), tag="+".join(tags),
+                   parts=[replace(p, tag=t) for t, p in zip(tags, parts)])
 
 
 # --- splits -----------------------------------------------------------------------------------
@@ -292,7 +362,7 @@ def _leak_warning(ds: Dataset) -> None:
 
 def _group_folds(ds: Dataset, n: int, seed: int, indices: np.ndarray | None = None):
     idx = np.arange(len(ds)) if indices is None else np.asarray(indices)
-    y = ds.labels[idx]
+    y = ds.strata[idx]
     if ds.split_unit != "image":
         splitter = StratifiedGroupKFold(n_splits=n, shuffle=True, random_state=seed)
         parts = splitter.split(idx, y, ds.groups[idx])

@@ -10,6 +10,7 @@ on are counted and said loudly; ``unseen_only`` leaves them out instead.
 from __future__ import annotations
 
 import csv
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from ichedge.data import DataError, Dataset, read_dataset
 from ichedge.evaluation import Evaluation, evaluate
 from ichedge.plots import plot_confusion, plot_pr, plot_reliability, plot_roc
 from ichedge.preprocess import Loaded, load_inputs, patient_groups, slice_order
-from ichedge.report import Report, metric_rows
+from ichedge.report import Report, metric_rows, source_tables
 from ichedge.runs import CARD_MARKDOWN, METRICS, PLOTS, REPORT, SLICE_PREDICTIONS, RunFolder, new_folder, write_json
 from ichedge.runtimes import Predictor
 
@@ -45,7 +46,7 @@ class ModelEvaluation:
         return out
 
 
-def score_model(model: str | Path, data: str | Path | None, progress: bool = False, n_boot: int = 2000,
+def score_model(model: str | Path, data: str | Path | Sequence[str | Path] | None, progress: bool = False, n_boot: int = 2000,
                 unseen_only: bool = False) -> ModelEvaluation:
     """Load ``model`` and ``data``, score every readable slice and evaluate at the model's thresholds."""
     model = Path(model)
@@ -55,19 +56,24 @@ def score_model(model: str | Path, data: str | Path | None, progress: bool = Fal
         raise DataError(f"{model}: no validated thresholds recorded with this model")
     ds = read_dataset(data, predictor.preprocessing.windows)
     run = RunFolder.of_model(model)
-    used = run.split_keys("train", "val") if run is not None and str(run.meta["dataset"]["source"]) == str(ds.source) \
-        else set()
-    wanted = [i for i, r in enumerate(ds.records) if not (unseen_only and r.key in used)]
+    banners = []
+    try:
+        used = run.seen_origins() if run is not None else set()
+    except DataError as exc:  # the run's data moved: say so rather than guess
+        used = set()
+        banners.append(f"Could not check which patients this model was trained on ({exc}).")
+    origins = ds.origins
+    wanted = [i for i in range(len(ds)) if not (unseen_only and origins[i] in used)]
     inputs = load_inputs(ds, predictor.preprocessing, wanted, progress=progress)
     if len(inputs.y) == 0:
         raise DataError(f"{ds.name}: no readable image" + (" the model has not seen" if unseen_only else ""))
     ev = evaluate(inputs.y, predictor.predict(inputs.x), decision, patient_groups(ds, inputs), slice_order(ds, inputs),
-                  n_boot)
-    banners = []
-    seen = sum(ds.records[i].key in used for i in inputs.indices)
+                  n_boot, ds.record_sources[inputs.indices])
+    seen = sum(origins[i] in used for i in inputs.indices)
     if seen:
-        banners.append(f"{seen} of {len(inputs.y)} slices were in this model's training or validation split: these "
-                       "numbers are inflated; evaluate with --unseen-only (the run's test patients) or on other data.")
+        banners.append(f"{seen} of {len(inputs.y)} slices belong to this model's training or validation patients: "
+                       "these numbers are inflated; evaluate with --unseen-only (the run's test patients) or on "
+                       "other data.")
     if not ds.has_patients:
         banners.append("No patient IDs: intervals resample images, so they are too narrow, and any near-duplicate "
                        "slices of training patients inflate the result (run `ichedge audit`).")
@@ -100,6 +106,7 @@ def write_evaluation(out_root: str | Path, me: ModelEvaluation) -> Path:
                          f"(slice {decision.slice_threshold:.3f}; study: {decision.study_aggregate} of slices >= "
                          f"{decision.study_threshold:.3f}). 95% intervals resample {metrics['intervals']['resampled']}.")
         report.table(metric_rows(metrics))
+        source_tables(report, metrics)
         report.paragraph(f"Calibration: ECE {metrics['calibration']['ece']:.3f}.")
         report.plots(sorted(plots.glob("*.png")))
         report.code(me.summary)
@@ -110,7 +117,7 @@ def write_evaluation(out_root: str | Path, me: ModelEvaluation) -> Path:
     return folder.path
 
 
-def evaluate_model(model: str | Path, data: str | Path | None, out_root: str | Path = Path("runs"),
+def evaluate_model(model: str | Path, data: str | Path | Sequence[str | Path] | None, out_root: str | Path = Path("runs"),
                    progress: bool = False, n_boot: int = 2000, unseen_only: bool = False) -> tuple[Path, dict]:
     """:func:`score_model`, then :func:`write_evaluation`; returns the folder and its metrics.json content."""
     me = score_model(model, data, progress, n_boot, unseen_only)

@@ -279,10 +279,11 @@ class Evaluation:
 
 
 def evaluate(y: np.ndarray, p: np.ndarray, decision: Decision, groups: np.ndarray | None = None,
-             order: np.ndarray | None = None, n_boot: int = 2000) -> Evaluation:
+             order: np.ndarray | None = None, n_boot: int = 2000, sources: np.ndarray | None = None) -> Evaluation:
     """Score probabilities ``p`` of slices labelled ``y`` at ``decision``'s thresholds, never
     re-chosen on these data. ``groups`` (patients) adds study metrics and patient-resampled
-    intervals; with ``order`` (slice numbers) too, a slice-context stage is applied."""
+    intervals; with ``order`` (slice numbers) too, a slice-context stage is applied. ``sources``
+    (each slice's hospital or collection) adds the same figures per source, under ``by_source``."""
     scored = _at_thresholds(y, p, decision.slice_threshold, decision.study_threshold, decision.study_aggregate,
                             groups, n_boot)
     metrics = {k: scored[k] for k in ("default", "high_sensitivity", "intervals")}
@@ -291,12 +292,41 @@ def evaluate(y: np.ndarray, p: np.ndarray, decision: Decision, groups: np.ndarra
     notes = []
     if decision.context is not None and (groups is None or order is None):
         notes.append("the model's slice context not applied: the data has no patient IDs and slice numbers")
-    elif decision.context is not None:
+    context = None
+    if decision.context is not None and groups is not None and order is not None:
         c = decision.context
-        scored = _at_thresholds(y, c.model.apply(p, groups, order), c.slice_threshold, c.study_threshold,
-                                decision.study_aggregate, groups, n_boot)
+        context = (c.model.apply(p, groups, order), c.slice_threshold, c.study_threshold)
+        scored = _at_thresholds(y, context[0], c.slice_threshold, c.study_threshold, decision.study_aggregate, groups,
+                                n_boot)
         metrics.update({f"context_{k}": v for k, v in scored.items()})
+    if sources is not None:
+        metrics.update(per_source(sources, y, p, decision.slice_threshold, decision.study_threshold,
+                                  decision.study_aggregate, groups, n_boot, context))
     return Evaluation(np.asarray(y), np.asarray(p), metrics, notes)
+
+
+def per_source(sources: np.ndarray, y: np.ndarray, p: np.ndarray, slice_threshold: float, study_threshold: float,
+               aggregate: str, groups: np.ndarray | None, n_boot: int = 1000,
+               context: tuple[np.ndarray, float, float] | None = None) -> dict:
+    """``{"by_source": {source: figures}}`` where the slices come from more than one source, else ``{}``.
+
+    Each source gets the figures of :func:`evaluate` at the same thresholds (never one chosen
+    per source); ``context`` is (context scores, their slice and study thresholds).
+    A source without normal slices or studies leaves specificity and AUC undefined (NaN).
+    """
+    sources = np.asarray(sources)
+    if len(set(sources.tolist())) < 2:
+        return {}
+    out = {}
+    for name in sorted(set(sources.tolist())):
+        m = sources == name
+        g = None if groups is None else np.asarray(groups)[m]
+        entry = _at_thresholds(y[m], p[m], slice_threshold, study_threshold, aggregate, g, n_boot)
+        if context is not None:
+            scored = _at_thresholds(y[m], context[0][m], context[1], context[2], aggregate, g, n_boot)
+            entry.update({f"context_{k}": v for k, v in scored.items()})
+        out[name] = entry
+    return {"by_source": out}
 
 
 def _at_thresholds(y: np.ndarray, p: np.ndarray, slice_threshold: float, study_threshold: float, aggregate: str,

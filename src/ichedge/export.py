@@ -3,7 +3,8 @@
 The int8 model is full-integer (int8 input and output), calibrated on a seeded sample of the
 run's own training split, so nothing from validation or test leaks into quantisation. Its input
 is the model's pixel value minus 128 (scale 1), which a microcontroller gets from a camera or
-DICOM window without any float arithmetic.
+DICOM window without any float arithmetic. ``site`` ships a site's own thresholds
+(``ichedge calibrate``) in the card, stated with the sample and bounds they were chosen with.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +31,8 @@ from ichedge.output import native_output_silenced
 from ichedge.runs import C_ARRAY, CARD, EXPORT_MODELS, RunFolder, new_export
 from ichedge.runtimes import LiteRTPredictor
 from ichedge.thresholds import run_thresholds
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -127,9 +131,13 @@ def runtime_thresholds(run: RunFolder, files: dict[str, Path], thresholds: dict)
     return out
 
 
-def export_run(run_dir: str | Path, calibration_images: int = 200, seed: int = 0) -> ExportResult:
-    """Write ``RUN_DIR/export`` (or ``export-N`` if taken): never overwrites an earlier export."""
+def export_run(run_dir: str | Path, calibration_images: int = 200, seed: int = 0,
+               site: str | None = None) -> ExportResult:
+    """Write ``RUN_DIR/export`` (or ``export-N`` if taken): never overwrites an earlier export.
+    With ``site``, the card carries that site's newest profile: its thresholds are what ichedge
+    applies when it loads this export."""
     run = RunFolder.open(run_dir)
+    profile = run.site_profile(site) if site is not None else None  # an unknown site fails before converting
     model = keras.models.load_model(run.model_file)
     metrics = run.metrics()
     float_bytes = to_float_tflite(model)
@@ -144,6 +152,8 @@ def export_run(run_dir: str | Path, calibration_images: int = 200, seed: int = 0
         files["c_source"].write_text(source)
         card = model_card(run, metrics, int8_bytes, files, calibration_images)
         card["thresholds"]["by_runtime"] = runtime_thresholds(run, files, card["thresholds"])
+        if profile is not None:
+            card["thresholds"]["site"] = site_thresholds(profile, card["files"])
         card = export.card(card, model_card_markdown(card))
     return ExportResult(export.folder, {k: export.folder / p.name for k, p in files.items()}, card)
 
@@ -168,8 +178,46 @@ def model_card(run: RunFolder, metrics: dict, int8_bytes: bytes, files: dict[str
         "metrics": {"test_threshold_0.5": metrics["default"], "test_high_sensitivity": metrics["high_sensitivity"]},
         "files": {k: {"name": p.name, "bytes": p.stat().st_size, "sha256": sha256(p)} for k, p in files.items()},
         "data_credit": meta["dataset"].get("credit") or "none recorded for this training data",
+        "training_sources": training_sources(meta["dataset"]),
         "intended_use": "research on edge triage of head CT; not a medical device, not for diagnosis",
     }
+
+
+def training_sources(dataset: dict) -> list[dict]:
+    """Each source a run trained on, with its licence (a licence restricts the model trained on it too)."""
+    return [{k: s[k] for k in ("name", "slices", "licence", "credit")} for s in dataset.get("sources", [])] or [
+        {"name": dataset["name"], "licence": "not recorded (a run made before ichedge listed its sources)"}]
+
+
+def site_thresholds(profile: dict, files: dict[str, dict]) -> dict:
+    """A site profile as the card carries it. It was calibrated on one model file's outputs: a
+    warning when this export holds no file of that content (re-quantisation can move scores)."""
+    if profile["model"]["sha256"] not in {f["sha256"] for f in files.values()}:
+        log.warning("site profile %r was calibrated on %s (%s outputs), which this export does not hold: recalibrate "
+                    "on this export's model before go-live", profile["site"], profile["model"]["file"],
+                    profile["model"]["runtime"])
+    return profile
+
+
+def site_markdown(profile: dict) -> list[str]:
+    """The model card's section on a site's thresholds: sample, runtime, bounds, specificity."""
+    c, conf = profile["sample"], profile["confidence"]
+
+    def level(name: str, unit: str) -> str:
+        pt = profile[name]
+        spec = (f"{pt['specificity']:.3f}" if pt["specificity"] is not None
+                else f"not measurable (no {unit} without a bleed)")
+        return (f"- {name}: {pt['threshold']:.4f}; sensitivity {pt['sensitivity']:.3f}, one-sided {conf:.0%} lower "
+                f"bound {pt['lower_bound']:.3f} ({pt['bound']}); specificity {spec}")
+
+    return ["", f"## Site thresholds: {profile['site']}",
+            f"Chosen {profile['created']} by `ichedge calibrate` (ichedge {profile['ichedge_version']}) for "
+            f"sensitivity >= {profile['target_sensitivity']:g} on the site's own {c['patients']} patients "
+            f"({c['positive_patients']} with a bleed, {c['negative_patients']} without; {c['slices']} slices), "
+            f"scored by {profile['model']['file']} ({profile['model']['runtime']}). ichedge applies these instead "
+            "of the validated thresholds above when it loads this export, without slice context.",
+            level("slice", "slices"),
+            level("study", "patients") + f" (study score: {profile['study_aggregate']} of slices)"]
 
 
 def model_card_markdown(card: dict) -> str:
@@ -196,6 +244,7 @@ def model_card_markdown(card: dict) -> str:
           + (f"; slice context: slice {t['context']['high_sensitivity']:.4f}, study {t['context']['study']:.4f}"
              if "context" in t else "")
           for rt, t in card["thresholds"].get("by_runtime", {}).items()),
+        *(site_markdown(card["thresholds"]["site"]) if "site" in card["thresholds"] else []),
         "", "## Training and test results (held-out patients, Keras model)",
         f"- data: {card['training']['dataset']}; split by {card['training']['split']}; sizes {card['training']['sizes']}",
         f"- weights: {card['weights']['source']} {card['weights'].get('note', '')}",
@@ -206,5 +255,9 @@ def model_card_markdown(card: dict) -> str:
                      f"specificity {r['specificity']:.3f}, accuracy {r['accuracy']:.3f}")
     lines += ["", "## Files", "| file | bytes | sha256 |", "|---|---|---|"]
     lines += [f"| {f['name']} | {f['bytes']} | `{f['sha256']}` |" for f in card["files"].values()]
+    lines += ["", "## Training data and licences",
+              "A model inherits the terms of the data it was trained on.",
+              *(f"- {t['name']}" + (f" ({t['slices']} slices)" if "slices" in t else "") + f": licence {t['licence']}"
+                for t in card.get("training_sources", []))]
     lines += ["", "## Data credit", card["data_credit"], ""]
     return "\n".join(lines)

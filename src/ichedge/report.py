@@ -137,6 +137,13 @@ def metric_rows(metrics: dict) -> list[dict]:
     return rows
 
 
+def source_tables(r: Report, metrics: dict) -> None:
+    """The same figures for each source (hospital) where the data has several, at the same thresholds."""
+    for name, m in metrics.get("by_source", {}).items():
+        r.heading(f"Source: {name}")
+        r.table(metric_rows(m))
+
+
 def write_run_report(folder: Path, meta: dict, metrics: dict) -> Path:
     """report.html of one training run."""
     c = meta["config"]
@@ -148,6 +155,7 @@ def write_run_report(folder: Path, meta: dict, metrics: dict) -> Path:
     r.paragraph(f"Intervals: 95% bootstrap, resampling {ci.get('resampled', 'patients')} ({ci.get('n_boot', '')} draws). "
                 "Thresholds are chosen on the validation split, never on test.")
     r.table(metric_rows(metrics))
+    source_tables(r, metrics)
     if "context_skipped" in metrics:
         r.paragraph(f"Slice context was asked for and skipped: {metrics['context_skipped']['reason']}.")
     if "calibration" in metrics:
@@ -156,7 +164,9 @@ def write_run_report(folder: Path, meta: dict, metrics: dict) -> Path:
                     f"scaling (T = {cal['temperature']:.2f}, fitted on validation; reported, not applied).")
     r.plots(sorted((folder / PLOTS).glob("*.png")))
     r.heading("Data and split")
-    r.key_values({"dataset": meta["dataset"]["summary"], "split by": meta["dataset"]["split_by"],
+    r.key_values({"dataset": meta["dataset"]["summary"],
+                  **{f"source {t['name']}": f"{t['data']}, licence {t['licence']}" for t in meta["dataset"].get("sources", [])},
+                  "split by": meta["dataset"]["split_by"],
                   "sizes": meta["dataset"]["sizes"], "skipped images": len(meta["dataset"]["skipped_images"]),
                   "weights": f"{meta['weights']['source']} {meta['weights'].get('note', '')}"})
     r.heading("Configuration")

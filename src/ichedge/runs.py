@@ -12,7 +12,8 @@ of its file names. The layout (docs/run-folder.md)::
         plots/, report.html
         export[-N]/        model_float32.tflite, model_int8.tflite, model_int8.h/.cc,
                            model_card.json/.md, profile.json
-        site_profiles/     thresholds re-chosen on a site's own sample
+        site_profiles/     thresholds re-chosen on a site's own sample (`ichedge calibrate`):
+                           SITE-YYYYmmddTHHMMSSZ.json, one per calibration, the newest used
 
 Layout 1 is the same files without the ``layout`` key (ichedge 0.1 before this module): it opens, upgraded
 in memory. A layout newer than :data:`LAYOUT_VERSION` is refused with a message. Folders are
@@ -26,6 +27,7 @@ import csv
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
@@ -47,6 +49,10 @@ LAYOUT_VERSION = 2
 CONFIG, MODEL, HISTORY, METRICS = "config.json", "model.keras", "history.csv", "metrics.json"
 PREDICTIONS, CONTEXT, PLOTS, REPORT = "predictions.npz", "context.json", "plots", "report.html"
 EXPORT, SITE_PROFILES = "export", "site_profiles"
+# A site profile: SITE-STAMP[-N].json in SITE_PROFILES, N where two calibrations share a second.
+SITE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+SITE_STAMP = "%Y%m%dT%H%M%SZ"
+_SITE_PROFILE = re.compile(r"(?P<site>.+)-(?P<stamp>\d{8}T\d{6}Z)(?:-(?P<n>\d+))?\.json")
 # An export folder: each exported runtime's model file, the C array of the int8 one, the card.
 EXPORT_MODELS = {"float32": "model_float32.tflite", "int8": "model_int8.tflite"}
 C_ARRAY = "model_int8"  # .h and .cc, and the C symbol
@@ -244,6 +250,14 @@ class RunFolder:
         """Record keys of the named parts of the split this run was trained on."""
         return {k for part in parts for k in self.meta["split"][part]}
 
+    def seen_origins(self) -> set[str]:
+        """:attr:`~ichedge.data.Dataset.origins` of the records this run trained or was validated
+        on (its patients, where known), reread from the run's data."""
+        info = self.meta["dataset"]
+        ds = read_dataset(info["source"], tuple(info["windows"]))
+        keys = self.split_keys("train", "val")
+        return {o for r, o in zip(ds.records, ds.origins) if r.key in keys or str(r.path) in keys}
+
     def split_part(self, part: str) -> tuple[Loaded, np.ndarray | None, np.ndarray | None]:
         """Reload one part (train/val/test) of this run's split: inputs, each one's patient (None
         without patient IDs) and slice number (None where unknown)."""
@@ -276,6 +290,56 @@ class RunFolder:
     @property
     def site_profiles(self) -> Path:
         return self.path / SITE_PROFILES
+
+    def _site_profile_files(self) -> dict[str, list[Path]]:
+        """Each site's profile files, oldest first (by the UTC stamp in their names)."""
+        found: dict[str, list[tuple[str, int, Path]]] = {}
+        for path in self.site_profiles.glob("*"):
+            m = _SITE_PROFILE.fullmatch(path.name)
+            if m:
+                found.setdefault(m["site"], []).append((m["stamp"], int(m["n"] or 1), path))
+        return {site: [p for *_, p in sorted(files)] for site, files in found.items()}
+
+    def site_names(self) -> list[str]:
+        """The sites calibrated for this run (``ichedge calibrate``), sorted."""
+        return sorted(self._site_profile_files())
+
+    def site_profile(self, site: str) -> dict:
+        """The newest profile of ``site``; an unknown site is an error listing the known ones."""
+        files = self._site_profile_files()
+        if site not in files:
+            known = ", ".join(sorted(files)) or "none yet (run `ichedge calibrate`)"
+            raise DataError(f"{self.path}: no site profile {site!r}; known sites: {known}")
+        return _read_json(files[site][-1])
+
+    def write_site_profile(self, site: str, profile: dict) -> Path:
+        """A new profile file of ``site``, written whole under a temporary name and linked into
+        place, so no half-written profile is read and no earlier calibration is overwritten."""
+        check_site_name(site)
+        self.site_profiles.mkdir(exist_ok=True)
+        stamp = datetime.now(timezone.utc).strftime(SITE_STAMP)
+        handle, tmp = tempfile.mkstemp(prefix=f".{site}.", dir=self.site_profiles)
+        try:
+            with os.fdopen(handle, "w") as fh:
+                json.dump(profile, fh, indent=2)
+            n = 1
+            while True:
+                target = self.site_profiles / f"{site}-{stamp}{f'-{n}' if n > 1 else ''}.json"
+                try:
+                    os.link(tmp, target)  # fails rather than replace an existing file
+                    return target
+                except FileExistsError:
+                    n += 1
+        finally:
+            os.unlink(tmp)
+
+
+def check_site_name(site: str) -> str:
+    """``site`` if it can name profile files: letters, digits, '-' and '_', up to 64."""
+    if not SITE_NAME.fullmatch(site):
+        raise DataError(f"site name {site!r}: use letters, digits, '-' and '_' (up to 64, starting with a "
+                        "letter or digit)")
+    return site
 
 
 def keras_model_file(path: str | Path) -> Path:

@@ -4,7 +4,8 @@
 returns the probability of hemorrhage per image. Runtimes register in :data:`RUNTIMES`: Keras
 (a run folder or its ``.keras``) and LiteRT (an exported float32 or int8 ``.tflite``). A model
 never travels without its preprocessing and validated thresholds (:class:`Decision`): a run
-folder has them in its config and metrics, an exported model in the card beside it.
+folder has them in its config and metrics, an exported model in the card beside it. A site's
+own thresholds (``ichedge calibrate``) replace them when :meth:`Predictor.load` is given the site.
 """
 
 from __future__ import annotations
@@ -22,10 +23,11 @@ import numpy as np
 from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
 from ichedge.data import DataError
+from ichedge.model import sha256
 from ichedge.output import native_output_silenced
 from ichedge.preprocess import Preprocessing
 from ichedge.registry import Registry
-from ichedge.runs import ExportFolder, RunFolder
+from ichedge.runs import SITE_PROFILES, ExportFolder, RunFolder
 from ichedge.thresholds import Decision
 
 log = logging.getLogger(__name__)
@@ -64,6 +66,7 @@ class Predictor(ABC):
     """
 
     kind: str
+    runtime: str  # whose arithmetic gives the probabilities: 'keras', 'int8', 'float32-builtin', ...
     suffix: ClassVar[str]
     preprocessing: Preprocessing
     source: Path
@@ -77,18 +80,33 @@ class Predictor(ABC):
     def open(cls, path: Path, num_threads: int | None = None, reference_kernels: bool = False) -> Predictor: ...
 
     @staticmethod
-    def load(path: str | Path, num_threads: int | None = None, reference_kernels: bool = False) -> Predictor:
+    def load(path: str | Path, num_threads: int | None = None, reference_kernels: bool = False,
+             site: str | None = None) -> Predictor:
         """A run folder or a model file of any registered runtime (``.keras``, ``.tflite``).
 
         ``reference_kernels`` runs a .tflite with LiteRT's reference kernels, the arithmetic
-        TensorFlow Lite Micro implements, instead of the optimised (XNNPACK) ones.
+        TensorFlow Lite Micro implements, instead of the optimised (XNNPACK) ones. ``site`` uses
+        that site's newest profile in the model's run folder instead of the validated thresholds.
         """
         path = Path(path)
         suffix = KerasPredictor.suffix if path.is_dir() else path.suffix
         for runtime in RUNTIMES:
             if runtime.suffix == suffix:
-                return runtime.open(path, num_threads, reference_kernels)
+                predictor = runtime.open(path, num_threads, reference_kernels)
+                if site is not None:
+                    predictor.use_site(site)
+                return predictor
         raise DataError(f"{path}: not a run folder, {' or '.join(r.suffix for r in RUNTIMES)} model")
+
+    def use_site(self, site: str) -> None:
+        """Decide at ``site``'s thresholds: its newest profile in the run folder of this model."""
+        run = RunFolder.of_model(self.source)
+        if run is None:
+            raise DataError(f"{self.source}: no run folder beside this model, so no {SITE_PROFILES}/ to take site "
+                            f"{site!r} from")
+        if self.decision is None:
+            raise DataError(f"{self.source}: no validated thresholds recorded with this model")
+        self.decision = self.decision.with_site(run.site_profile(site), self.runtime, sha256(self.source))
 
 
 RUNTIMES: Registry[type[Predictor]] = Registry("runtime")
@@ -96,7 +114,7 @@ RUNTIMES: Registry[type[Predictor]] = Registry("runtime")
 
 @RUNTIMES.register("keras")
 class KerasPredictor(Predictor):
-    kind = "keras"
+    kind = runtime = "keras"
     suffix = ".keras"
 
     @classmethod

@@ -4,7 +4,8 @@
 told otherwise. Uploads stay in memory (the multipart spool is sized to the request limit) and
 are written to disk only when ``keep_uploads`` is set, DICOM then de-identified. File types are
 decided by content. Bad input gets a 4xx with a message naming the file; one bad file in a
-batch is reported and the others are still scored.
+batch is reported and the others are still scored. ``site`` serves at a site's own thresholds
+(``ichedge calibrate``).
 """
 
 from __future__ import annotations
@@ -92,9 +93,9 @@ class TriageService:
     """The model, its explainer and the limits; thread-safe inference (LiteRT is not)."""
 
     def __init__(self, model: str | Path, backend: str = "int8", limits: Limits = Limits(),
-                 keep_uploads: Path | None = None, explain: bool = True) -> None:
+                 keep_uploads: Path | None = None, explain: bool = True, site: str | None = None) -> None:
         self.source = resolve_model(model, backend)
-        self.predictor = Predictor.load(self.source)
+        self.predictor = Predictor.load(self.source, site=site)
         if self.predictor.decision is None:
             raise DataError(f"{self.source}: no validated thresholds recorded with this model")
         self.card = _model_card(self.source)
@@ -188,9 +189,9 @@ def _file_errors(messages: list[str], known: list[dict]) -> list[dict]:
 
 
 def create_app(model: str | Path, backend: str = "int8", limits: Limits = Limits(),
-               keep_uploads: Path | None = None, explain: bool = True) -> FastAPI:
-    """The FastAPI app serving ``model`` (a run folder, .tflite or .keras)."""
-    service = TriageService(model, backend, limits, keep_uploads, explain)
+               keep_uploads: Path | None = None, explain: bool = True, site: str | None = None) -> FastAPI:
+    """The FastAPI app serving ``model`` (a run folder, .tflite or .keras), at ``site``'s thresholds if given."""
+    service = TriageService(model, backend, limits, keep_uploads, explain, site)
     # Starlette spools uploads over 1 MiB to a temporary file; within the request limit they stay in memory.
     MultiPartParser.spool_max_size = limits.max_request_bytes
     web = Path(str(resources.files("ichedge") / "web"))
@@ -203,7 +204,7 @@ def create_app(model: str | Path, backend: str = "int8", limits: Limits = Limits
     def decision_fields() -> dict:
         d = service.predictor.decision
         return {"slice_threshold": d.slice_threshold, "study_threshold": d.study_threshold,
-                "study_aggregate": d.study_aggregate, "target_sensitivity": d.target_sensitivity}
+                "study_aggregate": d.study_aggregate, "target_sensitivity": d.target_sensitivity, "site": d.site}
 
     async def score(request: Request, heatmap: bool):
         sources, errors, study = await read_uploads(request, limits)

@@ -74,6 +74,13 @@ class ConfigResult:
     def summary(self) -> dict:
         return summarise_folds(self.folds)
 
+    @property
+    def source_summary(self) -> dict[str, dict]:
+        """:attr:`summary` of each source's test slices, where the data has several sources."""
+        names = dict.fromkeys(name for f in self.folds for name in f.get("by_source", {}))
+        return {name: summarise_folds([f["by_source"][name] for f in self.folds if name in f.get("by_source", {})])
+                for name in names}
+
 
 def run_sweep(
     base: TrainConfig,
@@ -119,9 +126,11 @@ def _run_grid(base: TrainConfig, dataset: Dataset, grid: Sequence[tuple[int, flo
         started = time.perf_counter()
         features, fold_metrics, runs, phases, measured, pooled, pooled_context = None, [], [], [], None, [], []
         groups, order = patient_groups(dataset, inputs), slice_order(dataset, inputs)
+        sources = dataset.record_sources[inputs.indices]
         for k, split in enumerate(splits):
             local = remap_split(split, inputs.indices)
-            result = fit(config, inputs, local, features=features, progress=progress, groups=groups, order=order)
+            result = fit(config, inputs, local, features=features, progress=progress, groups=groups, order=order,
+                         sources=sources)
             if groups is not None:
                 pooled.append((result.labels["test"], result.probabilities["test"], groups[local.test],
                                result.metrics["high_sensitivity"]["threshold"]))
@@ -206,6 +215,10 @@ def table_rows(results: Sequence[ConfigResult], folds: int) -> list[dict[str, st
             row["context study AUC"] = _fmt(cst["auc"], False, folds)
         if r.pooled_context:
             row.update(_pooled_columns(r.pooled_context, "context "))
+        for source, ss in r.source_summary.items():
+            row[f"{source} AUC"] = _fmt(ss["default"]["auc"], False, folds)
+            row[f"{source} hs sensitivity"] = _fmt(ss["high_sensitivity"]["sensitivity"], True, folds) + "%"
+            row[f"{source} hs specificity"] = _fmt(ss["high_sensitivity"]["specificity"], True, folds) + "%"
         row["train s"] = f"{r.seconds:.0f}"
         if r.profile:
             row.update(profile_columns(r.profile))

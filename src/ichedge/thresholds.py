@@ -3,12 +3,15 @@
 Thresholds are chosen on validation patients at training (and again on each exported
 runtime's own outputs at export), never on the data a model is later applied to. A run folder
 holds them in ``metrics.json``; an exported model in its card's ``thresholds``.
+
+A site may re-choose the slice and study thresholds on its own labelled sample (``ichedge
+calibrate``, :mod:`ichedge.acceptance`): :meth:`Decision.with_site` applies such a profile.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ichedge.context import SliceContext
 from ichedge.data import DataError
@@ -40,6 +43,7 @@ class Decision:
     study_aggregate: str
     target_sensitivity: float
     context: ContextDecision | None = None
+    site: str | None = None  # the site profile whose thresholds these are; None: as validated at training
 
     @staticmethod
     def from_thresholds(t: dict, runtime: str | None = None) -> Decision:
@@ -58,16 +62,44 @@ class Decision:
             c = chosen.get("context", t["context"])
             context = ContextDecision(SliceContext.from_json(t["context"]["model"]), float(c["high_sensitivity"]),
                                       float(c["study"]))
-        return Decision(float(chosen["high_sensitivity"]), float(chosen.get("study", chosen["high_sensitivity"])),
-                        t.get("study_aggregate", "max"), float(t["high_sensitivity_target"]), context)
+        decision = Decision(float(chosen["high_sensitivity"]), float(chosen.get("study", chosen["high_sensitivity"])),
+                            t.get("study_aggregate", "max"), float(t["high_sensitivity_target"]), context)
+        # `ichedge export --site` ships a site's thresholds in the card: they are what the site runs.
+        return decision.with_site(t["site"], runtime or "keras") if "site" in t else decision
 
     @staticmethod
     def of_run(run: RunFolder) -> Decision:
         return Decision.from_thresholds(run_thresholds(run))
 
+    def with_site(self, profile: dict, runtime: str, model_sha256: str | None = None) -> Decision:
+        """This decision at a site profile's slice and study thresholds (and the study aggregate
+        they were chosen for). A profile was calibrated on one runtime's outputs of one model file:
+        another runtime (int8 arithmetic moves probabilities) or another file is warned about.
+
+        The profile covers the network's own slice scores only: the slice-context stage, fitted
+        and thresholded on the training hospital's studies, is left off (``context`` None).
+        """
+        try:
+            site, model = profile["site"], profile["model"]
+            if model["runtime"] != runtime:
+                log.warning("site profile %r was calibrated on %s outputs; this model runs %s, whose probabilities "
+                            "differ: recalibrate with this runtime (`ichedge calibrate --backend`)",
+                            site, model["runtime"], runtime)
+            elif model_sha256 is not None and model["sha256"] != model_sha256:
+                log.warning("site profile %r was calibrated on another %s model file (%s); recalibrate on this one",
+                            site, runtime, model["file"])
+            return replace(self, slice_threshold=float(profile["thresholds"]["slice"]),
+                           study_threshold=float(profile["thresholds"]["study"]),
+                           study_aggregate=profile["study_aggregate"],
+                           target_sensitivity=float(profile["target_sensitivity"]), context=None, site=site)
+        except (KeyError, TypeError) as exc:
+            raise DataError(f"site profile {profile.get('site', '?')!r}: unusable, no {exc}; recalibrate") from None
+
     def to_json(self) -> dict:
         out = {"slice_threshold": self.slice_threshold, "study_threshold": self.study_threshold,
                "study_aggregate": self.study_aggregate, "target_sensitivity": self.target_sensitivity}
+        if self.site is not None:
+            out["site"] = self.site
         if self.context is not None:
             out["context"] = {"slice_threshold": self.context.slice_threshold,
                               "study_threshold": self.context.study_threshold}

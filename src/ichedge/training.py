@@ -27,7 +27,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 from ichedge import __version__
 from ichedge.context import SliceContext
 from ichedge.data import DataError, Dataset, Split, check_no_patient_overlap
-from ichedge.evaluation import calibration, evaluate_split, evaluate_studies, intervals
+from ichedge.evaluation import calibration, evaluate_split, evaluate_studies, intervals, per_source
 from ichedge.heads import HEADS, FitSettings, FrozenFit, class_weights, compile_classifier, epoch_progress
 from ichedge.model import Weights, build_model, feature_extractor, resolve_weights
 from ichedge.plots import plot_confusion, plot_history, plot_pr, plot_reliability, plot_roc
@@ -168,6 +168,7 @@ def fit(
     progress: bool = False,
     groups: np.ndarray | None = None,
     order: np.ndarray | None = None,
+    sources: np.ndarray | None = None,
 ) -> TrainResult:
     """Train one model on ``split`` of already loaded inputs and evaluate it on the test part.
 
@@ -175,6 +176,7 @@ def fit(
     features of ``inputs.x`` (reused across folds of a cross-validation). ``groups``, the
     patient of each input, adds study-level (patient-level) metrics; with ``order``, each
     input's slice position, ``config.context`` fits and evaluates a slice-context model.
+    ``sources``, each input's hospital or collection, adds every test figure per source.
     """
     x, y = inputs.x, inputs.y
     check_split_usable(y, split)
@@ -235,6 +237,8 @@ def fit(
         else:  # nothing cached to retrain the head on: every out-of-fold score would be a training
             metrics["context_skipped"] = {"reason": f"random weights: the whole network trains ({weights.note})"}
             log.warning("NO SLICE CONTEXT for %s: it needs a frozen pretrained backbone", config.name)
+    if sources is not None:
+        metrics.update(_source_metrics(config, metrics, labels, probs, sources[te], None if groups is None else groups[te]))
     return TrainResult(model, weights, history, metrics, probs, labels, seconds, features, context)
 
 
@@ -279,6 +283,19 @@ def _context_metrics(config: TrainConfig, labels: dict, probs: dict, groups_val:
         groups_val, labels["val"], pv, groups_test, labels["test"], pt, config.study_aggregate,
         config.target_sensitivity)
     return m
+
+
+def _source_metrics(config: TrainConfig, metrics: dict, labels: dict, probs: dict, sources: np.ndarray,
+                    groups: np.ndarray | None) -> dict:
+    """The test figures per source, at the thresholds validated on all sources together."""
+    slice_t = metrics["high_sensitivity"]["threshold"]
+    study_t = metrics["study_high_sensitivity"]["threshold"] if "study_high_sensitivity" in metrics else slice_t
+    context = None
+    if "test_context" in probs:
+        context = (probs["test_context"], metrics["context_high_sensitivity"]["threshold"],
+                   metrics["context_study_high_sensitivity"]["threshold"])
+    return per_source(sources, labels["test"], probs["test"], slice_t, study_t, config.study_aggregate, groups,
+                      context=context)
 
 
 def _fit_images(
@@ -353,6 +370,7 @@ def write_run(
             "windows": list(dataset.windows),
             "summary": dataset.summary(),
             "credit": dataset.credit,
+            "sources": dataset.provenance(),
             "split_by": {"patient": "patient",
                          "near-duplicate cluster": "near-duplicate clusters (not patients: patients may leak)",
                          }.get(dataset.split_unit, "image (no patient IDs: patients may leak)"),
@@ -401,7 +419,7 @@ def train(
     inputs = load_inputs(dataset, config.preprocessing, progress=progress)
     local = remap_split(split, inputs.indices)
     result = fit(config, inputs, local, progress=progress, groups=patient_groups(dataset, inputs),
-                 order=slice_order(dataset, inputs))
+                 order=slice_order(dataset, inputs), sources=dataset.record_sources[inputs.indices])
     with new_folder(runs_root, config.name) as folder:
         write_run(folder.tmp, config, dataset, inputs, local, result)
     return folder.path, result

@@ -130,7 +130,10 @@ def triage(prepared: Prepared, predictor: Predictor, explain: str = "none", expl
     network = predictor.predict(prepared.x)
     p, slice_t, study_t, scoring = network, decision.slice_threshold, decision.study_threshold, "slice"
     notes: list[str] = []
-    if context and decision.context is None:
+    if context and decision.site is not None:
+        notes.append(f"site profile {decision.site!r} calibrated the network's own slice scores, not slice "
+                     "context; slices scored alone")
+    elif context and decision.context is None:
         notes.append(f"{predictor.source}: no slice-context stage in this model (train with --context); slices scored alone")
     if context and decision.context is not None and len(network):
         c = decision.context
@@ -171,7 +174,7 @@ def write_triage(out_root: Path, result: TriageResult, prepared: Prepared, predi
                 "preprocessing": predictor.preprocessing.to_json(), "scoring": result.scoring,
                 "slice_threshold": result.slice_threshold, "study_threshold": result.study_threshold,
                 "study_aggregate": d.study_aggregate, "target_sensitivity": d.target_sensitivity,
-                "notes": result.notes, "errors": result.errors}
+                "site": d.site, "notes": result.notes, "errors": result.errors}
         write_worklist(folder.tmp, result.slices, result.studies, meta)
         (folder.tmp / ERRORS).write_text("".join(f"{e}\n" for e in result.errors))
     return folder.path
