@@ -1,11 +1,15 @@
 """`ichedge evaluate` on other data without retraining, and the HTML reports every command writes."""
 
+import csv
 import html
 import json
 
+import numpy as np
+from PIL import Image
+
 from ichedge.cli import main
 from ichedge.runs import ExportFolder, RunFolder
-from tests.conftest import write_manifest
+from tests.conftest import write_manifest, write_rows
 
 
 def _training_manifest(run):
@@ -79,3 +83,25 @@ def test_the_model_card_lists_each_training_source_with_its_licence(tiny_export)
     (source,) = tiny_export.card["training_sources"]
     assert source["licence"].startswith("not stated with the data") and source["slices"] == 72
     assert "## Training data and licences" in ExportFolder(tiny_export.folder).card_markdown.read_text()
+
+
+def test_evaluate_measures_grad_cam_against_masks_where_the_data_has_them(served_run, tmp_path, capsys):
+    data = write_manifest(tmp_path / "masked", patients=4, seed=3)
+    rows = list(csv.DictReader(data.open()))
+    yy, xx = np.mgrid[:64, :64]
+    Image.fromarray(((np.hypot(yy - 32, xx - 32) < 12) * 255).astype(np.uint8)).save(data.parent / "mask.png")
+    for r in rows:
+        r["mask"] = "mask.png" if r["hemorrhage"] == "1" else ""
+    write_rows(data, rows)
+    positives = sum(r["hemorrhage"] == "1" for r in rows)
+    assert main(["evaluate", str(served_run), str(data), "--runs", str(tmp_path / "runs"), "--quiet"]) == 0
+    assert f"Grad-CAM on {positives} masked positive slices: pointing game" in capsys.readouterr().out
+    (folder,) = (tmp_path / "runs").iterdir()
+    loc = json.loads((folder / "metrics.json").read_text())["localisation"]
+    assert loc["n_slices"] == positives and 0 <= loc["summary"]["pointing"]["value"] <= 1
+    assert 0 < loc["summary"]["area_share"]["value"] < 1 and loc["resampled"] == "patients"
+    assert "Grad-CAM against the masks" in (folder / "report.html").read_text()
+    assert main(["evaluate", str(served_run), str(data), "--runs", str(tmp_path / "off"), "--quiet",
+                 "--no-localisation"]) == 0
+    (folder,) = (tmp_path / "off").iterdir()
+    assert "localisation" not in json.loads((folder / "metrics.json").read_text())

@@ -246,7 +246,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     folder, m = evaluate_model(args.model, args.data or None, args.runs, progress=progress_wanted(args.quiet),
-                               unseen_only=args.unseen_only)
+                               unseen_only=args.unseen_only, localise_masks=not args.no_localisation)
     print(m["dataset"])
     ci = m["intervals"]
     print(f"AUC {interval(ci['default']['auc'])}  (95% CI, resampling {ci['resampled']})")
@@ -267,6 +267,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(f"  at {t:.3f}: sensitivity {interval(ci['high_sensitivity']['sensitivity'])}  "
               f"specificity {interval(ci['high_sensitivity']['specificity'])}")
     _print_sources(m)
+    if "localisation" in m:
+        loc = m["localisation"]
+        print(f"Grad-CAM on {loc['n_slices']} masked positive slices: pointing game "
+              f"{interval(loc['summary']['pointing'])}, heatmap mass in the mask / its area "
+              f"{interval(loc['summary']['mass_ratio'])} (1 = no better than an even spread)")
     if m["slices_seen_in_training"]:
         print(f"WARNING: {m['slices_seen_in_training']} slices belong to the model's training or validation patients: "
               "inflated (--unseen-only leaves them out)")
@@ -353,6 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", type=Path, default=Path("runs"))
     p.add_argument("--unseen-only", action="store_true",
                    help="leave out the slices of the model's own training and validation patients")
+    p.add_argument("--no-localisation", action="store_true",
+                   help="skip the Grad-CAM pointing game on slices with segmentation masks (needs the Keras model)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_evaluate)
     p = command("serve", help="triage web service: JSON API and a browser page")

@@ -10,17 +10,26 @@ on are counted and said loudly; ``unseen_only`` leaves them out instead.
 from __future__ import annotations
 
 import csv
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+import keras
+import numpy as np
 
 from ichedge.data import DataError, Dataset, read_dataset
 from ichedge.evaluation import Evaluation, evaluate
 from ichedge.plots import plot_confusion, plot_pr, plot_reliability, plot_roc
 from ichedge.preprocess import Loaded, load_inputs, patient_groups, slice_order
-from ichedge.report import Report, metric_rows, source_tables
-from ichedge.runs import CARD_MARKDOWN, METRICS, PLOTS, REPORT, SLICE_PREDICTIONS, RunFolder, new_folder, write_json
+from ichedge.report import Report, interval, metric_rows, source_tables
+from ichedge.localisation import localise, prepared_mask
+from ichedge.runs import (
+    CARD_MARKDOWN, METRICS, PLOTS, REPORT, SLICE_PREDICTIONS, RunFolder, keras_model_file, new_folder, write_json,
+)
 from ichedge.runtimes import Predictor
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -34,6 +43,7 @@ class ModelEvaluation:
     inputs: Loaded
     seen: int  # slices of the model's own training or validation patients among those scored
     banners: list[str]
+    localisation: dict | None = None  # Grad-CAM against the masks of positive slices, where the data has masks
 
     @property
     def summary(self) -> dict:
@@ -43,12 +53,16 @@ class ModelEvaluation:
                "skipped_images": self.inputs.errors, "decision": decision.to_json()}
         if self.evaluation.notes:
             out["context_note"] = "; ".join(self.evaluation.notes)
+        if self.localisation is not None:
+            out["localisation"] = {k: v for k, v in self.localisation.items() if k not in ("index", "per_slice")}
         return out
 
 
 def score_model(model: str | Path, data: str | Path | Sequence[str | Path] | None, progress: bool = False, n_boot: int = 2000,
-                unseen_only: bool = False) -> ModelEvaluation:
-    """Load ``model`` and ``data``, score every readable slice and evaluate at the model's thresholds."""
+                unseen_only: bool = False, localise_masks: bool = True) -> ModelEvaluation:
+    """Load ``model`` and ``data``, score every readable slice and evaluate at the model's thresholds.
+    Where positive slices have segmentation masks, ``localise_masks`` also measures whether the
+    model's Grad-CAM points at them (:mod:`ichedge.localisation`)."""
     model = Path(model)
     predictor = Predictor.load(model)
     decision = predictor.decision
@@ -77,7 +91,30 @@ def score_model(model: str | Path, data: str | Path | Sequence[str | Path] | Non
     if not ds.has_patients:
         banners.append("No patient IDs: intervals resample images, so they are too narrow, and any near-duplicate "
                        "slices of training patients inflate the result (run `ichedge audit`).")
-    return ModelEvaluation(ev, model, predictor, ds, inputs, seen, banners)
+    found = _localisation(model, ds, inputs, predictor, banners) if localise_masks else None
+    return ModelEvaluation(ev, model, predictor, ds, inputs, seen, banners, found)
+
+
+def _localisation(model: Path, ds: Dataset, inputs: Loaded, predictor: Predictor, banners: list[str]) -> dict | None:
+    """Grad-CAM against the masks of the positive slices that have one; None where none has."""
+    rows, masks = [], []
+    for j, i in enumerate(inputs.indices):
+        record = ds.records[i]
+        if record.label == 1 and record.mask is not None:
+            try:
+                masks.append(prepared_mask(record, predictor.preprocessing))
+                rows.append(j)
+            except DataError as exc:
+                log.warning("mask left out: %s", exc)
+    if not rows:
+        return None
+    try:
+        keras_model = keras.models.load_model(keras_model_file(model))
+    except DataError as exc:
+        banners.append(f"Masks found but no Grad-CAM localisation measured: {exc}")
+        return None
+    groups = patient_groups(ds, inputs)
+    return localise(keras_model, inputs.x[rows], np.stack(masks), None if groups is None else groups[rows])
 
 
 def write_evaluation(out_root: str | Path, me: ModelEvaluation) -> Path:
@@ -108,6 +145,14 @@ def write_evaluation(out_root: str | Path, me: ModelEvaluation) -> Path:
         report.table(metric_rows(metrics))
         source_tables(report, metrics)
         report.paragraph(f"Calibration: ECE {metrics['calibration']['ece']:.3f}.")
+        if me.localisation is not None:
+            loc = me.localisation
+            report.heading("Grad-CAM against the masks")
+            report.paragraph(f"{loc['n_slices']} positive slices with a mask. Pointing game: the heatmap's peak in the "
+                             f"filled mask (exactly, and within {loc['tolerance']:g} pixels); mass: the heatmap's share "
+                             "inside the mask, against the mask's share of the frame (chance). 95% intervals resample "
+                             f"{loc['resampled']}.")
+            report.table([{"measure": k, "value": interval(v)} for k, v in loc["summary"].items()])
         report.plots(sorted(plots.glob("*.png")))
         report.code(me.summary)
         card = me.predictor.source.parent / CARD_MARKDOWN
@@ -118,7 +163,8 @@ def write_evaluation(out_root: str | Path, me: ModelEvaluation) -> Path:
 
 
 def evaluate_model(model: str | Path, data: str | Path | Sequence[str | Path] | None, out_root: str | Path = Path("runs"),
-                   progress: bool = False, n_boot: int = 2000, unseen_only: bool = False) -> tuple[Path, dict]:
+                   progress: bool = False, n_boot: int = 2000, unseen_only: bool = False,
+                   localise_masks: bool = True) -> tuple[Path, dict]:
     """:func:`score_model`, then :func:`write_evaluation`; returns the folder and its metrics.json content."""
-    me = score_model(model, data, progress, n_boot, unseen_only)
+    me = score_model(model, data, progress, n_boot, unseen_only, localise_masks)
     return write_evaluation(out_root, me), {**me.summary, **me.evaluation.metrics}
