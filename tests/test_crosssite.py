@@ -1,6 +1,7 @@
 """The cross-site protocol: a home-only and a two-site model per fold, each site's held-out patients."""
 
 import csv
+import json
 
 import numpy as np
 import pytest
@@ -32,8 +33,9 @@ def test_home_only_models_never_see_the_other_site_and_every_patient_is_tested_o
             assert pooled["auc"]["low"] <= pooled["auc"]["value"] <= pooled["auc"]["high"]
         shipped = {s["threshold"]["shipped"] for s in result.summary[proto].values()}
         assert len(shipped) == 1, "one shipped threshold per protocol, whatever the test site"
-    folder = crosssite.write_cross_site(tmp_path / "runs", result, home, other)
+    folder = crosssite.write_cross_site(tmp_path / "runs", result)
     rows = list(csv.DictReader((folder / "predictions.csv").open()))
     assert len(rows) == 2 * 144 and {r["site"] for r in rows} == {"home", "other"}
+    assert [s["name"] for s in json.loads((folder / "results.json").read_text())["sources"]] == ["home", "other"]
     md = (folder / "results.md").read_text()
     assert md.count("| home only |") == 2 and md.count("| home + other |") == 2

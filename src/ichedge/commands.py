@@ -161,7 +161,7 @@ def cmd_crosssite(args: argparse.Namespace) -> int:
     other = read_dataset(args.other, config.preprocessing.windows)
     print(other.summary())
     result = cross_site(config, home, other, folds=args.folds, seed=config.seed, progress=progress_wanted(args.quiet))
-    folder = write_cross_site(args.runs, result, home, other)
+    folder = write_cross_site(args.runs, result)
     print(markdown(result))
     print(f"cross-site folder: {folder}")
     return 0

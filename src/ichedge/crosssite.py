@@ -79,6 +79,7 @@ class CrossSite:
     summary: dict[str, dict[str, dict]]
     scores: dict[str, dict[str, Scored]]
     notes: list[str]
+    sources: list[dict]  # each site's provenance and licence (Dataset.provenance)
 
 
 def _home_only(split: Split, sources: np.ndarray, home: str) -> Split:
@@ -123,7 +124,7 @@ def cross_site(config: TrainConfig, home: Dataset, other: Dataset, folds: int = 
                        for site, s in by_site.items()} for proto, by_site in scores.items()}
     notes = [f"{site}: no normal patients, so its specificity is within bleeding patients and its study-level "
              "figure is sensitivity only" for site, part in zip(sites, ds.parts) if _no_normal_patients(part)]
-    return CrossSite(config, sites, folds, summary, scores, notes)
+    return CrossSite(config, sites, folds, summary, scores, notes, ds.provenance())
 
 
 def _no_normal_patients(ds: Dataset) -> bool:
@@ -169,14 +170,14 @@ def markdown(result: CrossSite) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_cross_site(runs_root: str | Path, result: CrossSite, home: Dataset, other: Dataset) -> Path:
+def write_cross_site(runs_root: str | Path, result: CrossSite) -> Path:
     """A new folder: results.md, results.json and every test slice's score per fold and protocol."""
     with new_folder(runs_root, f"crosssite-{result.config.name}") as folder:
         (folder.tmp / f"{RESULTS}.md").write_text(markdown(result))
         write_json(folder.tmp / f"{RESULTS}.json", {
             "config": result.config.to_json(), "folds": result.folds, "sites": list(result.sites),
             "summary": result.summary, "notes": result.notes,
-            "sources": combine([home, other]).provenance()})
+            "sources": result.sources})
         with (folder.tmp / SLICE_PREDICTIONS).open("w", newline="") as fh:
             w = csv.writer(fh)
             w.writerow(["protocol", "fold", "site", "patient", "label", "probability", "shipped_threshold"])
