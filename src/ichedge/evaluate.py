@@ -27,7 +27,7 @@ from ichedge.localisation import localise, prepared_mask
 from ichedge.runs import (
     CARD_MARKDOWN, METRICS, PLOTS, REPORT, SLICE_PREDICTIONS, RunFolder, keras_model_file, new_folder, write_json,
 )
-from ichedge.runtimes import Predictor
+from ichedge.runtimes import KerasPredictor, Predictor
 
 log = logging.getLogger(__name__)
 
@@ -108,8 +108,9 @@ def _localisation(model: Path, ds: Dataset, inputs: Loaded, predictor: Predictor
                 log.warning("mask left out: %s", exc)
     if not rows:
         return None
-    try:
-        keras_model = keras.models.load_model(keras_model_file(model))
+    try:  # Grad-CAM needs the Keras model: the one scoring already, or the one behind an export
+        keras_model = predictor.model if isinstance(predictor, KerasPredictor) else \
+            keras.models.load_model(keras_model_file(model))
     except DataError as exc:
         banners.append(f"Masks found but no Grad-CAM localisation measured: {exc}")
         return None
