@@ -300,10 +300,6 @@ class RunFolder:
                 found.setdefault(m["site"], []).append((m["stamp"], int(m["n"] or 1), path))
         return {site: [p for *_, p in sorted(files)] for site, files in found.items()}
 
-    def site_names(self) -> list[str]:
-        """The sites calibrated for this run (``ichedge calibrate``), sorted."""
-        return sorted(self._site_profile_files())
-
     def site_profile(self, site: str) -> dict:
         """The newest profile of ``site``; an unknown site is an error listing the known ones."""
         files = self._site_profile_files()
