@@ -15,6 +15,8 @@ from ichedge.runtimes import Predictor
 from ichedge.service import Limits, create_app
 from tests.conftest import PHI, ct_phantom, synthetic_slice, write_ct_dicom
 
+LOCAL = "http://localhost"  # the Host the service accepts on loopback (TestClient says "testserver")
+
 
 def png_bytes(bleed: bool = False, seed: int = 0, size: int = 64) -> bytes:
     buf = io.BytesIO()
@@ -28,7 +30,7 @@ def dicom_bytes(tmp_path, name="a.dcm", **kw) -> bytes:
 
 @pytest.fixture(scope="module")
 def client(served_run):
-    return TestClient(create_app(served_run))
+    return TestClient(create_app(served_run), base_url=LOCAL)
 
 
 def files(*items):
@@ -136,7 +138,7 @@ def test_request_shape_errors_are_4xx_with_a_message(client):
 
 def test_limits_on_size_and_count(served_run):
     small = TestClient(create_app(served_run, limits=Limits(max_files=2, max_file_bytes=3000, max_request_bytes=200_000),
-                                  explain=False))
+                                  explain=False), base_url=LOCAL)
     big = png_bytes(size=256)
     assert len(big) > 3000
     r = small.post("/api/predict", files=files(("big.png", big)))
@@ -150,15 +152,16 @@ def test_limits_on_size_and_count(served_run):
 def test_uploads_stay_in_memory_unless_kept_and_kept_ones_are_deidentified(served_run, tmp_path, monkeypatch):
     rolled = []
     monkeypatch.setattr(tempfile.SpooledTemporaryFile, "rollover", lambda self: rolled.append(1))
-    c = TestClient(create_app(served_run, explain=False))
-    noise = np.random.default_rng(0).integers(0, 255, (1200, 1200), dtype=np.uint8)
+    c = TestClient(create_app(served_run, explain=False), base_url=LOCAL)
+    rng = np.random.default_rng(0)
+    head = synthetic_slice(rng, False, 1200).astype(np.int16) + rng.integers(-60, 60, (1200, 1200))
     buf = io.BytesIO()
-    Image.fromarray(noise).save(buf, format="PNG")  # about 1.4 MiB: over Starlette's default 1 MiB spool
+    Image.fromarray(np.clip(head, 0, 255).astype(np.uint8)).save(buf, format="PNG")  # over Starlette's 1 MiB spool
     assert len(buf.getvalue()) > 1024 * 1024
     assert c.post("/api/predict", files=files(("large.png", buf.getvalue()))).status_code == 200
     assert rolled == []
     keep = tmp_path / "kept"
-    k = TestClient(create_app(served_run, keep_uploads=keep, explain=False))
+    k = TestClient(create_app(served_run, keep_uploads=keep, explain=False), base_url=LOCAL)
     upload = dicom_bytes(tmp_path, study=STUDY, series=SERIES)
     assert k.post("/api/predict", files=files(("a.dcm", upload), ("x.txt", b"x"))).status_code == 200
     (saved,) = keep.iterdir()

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import keras
 
+from ichedge.access import TokenStore, allowed_hosts, audit_file, check_exposure, tokens_file
 from ichedge.acceptance import DEFAULT_CONFIDENCE, DEFAULT_SENSITIVITY, DEFAULT_SITE, calibrate_site, format_calibration
 from ichedge.audit import DEFAULT_MAX_DISTANCE, audit, group_by_clusters, run_audit
 from ichedge.channels import CHANNEL_MODES
@@ -27,12 +28,12 @@ from ichedge.profiling import format_profile, profile_run
 from ichedge.report import interval
 from ichedge.runs import NEAR_DUPLICATES, REPORT, RESULTS, WORKLIST, ExportFolder, RunFolder, keras_model_file
 from ichedge.runtimes import Predictor
-from ichedge.service import BACKENDS, MIB, Limits, serve
+from ichedge.service import BACKENDS, MIB, Access, Limits, serve
 from ichedge.studies import AGGREGATES
 from ichedge.sweep import PAPER_GRID, parse_grid, run_sweep
 from ichedge.tflm import TFLMError
 from ichedge.training import TrainConfig, train
-from ichedge.triage import triage, write_triage
+from ichedge.triage import OUTSIDE, triage, write_triage
 
 
 def _config_args(p: argparse.ArgumentParser, single: bool) -> None:
@@ -198,7 +199,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
           f"{result.slice_threshold:.3f}, study: {predictor.decision.study_aggregate} of slices >= {result.study_threshold:.3f}"
           + (f" (site profile {predictor.decision.site})" if predictor.decision.site else ""))
     for rank, s in enumerate(result.studies, 1):
-        print(f"{rank:>3}. {'FLAG' if s.flagged else '    '} {s.score:.3f}  {s.study}  ({s.slices} slices)")
+        print(f"{rank:>3}. {'FLAG' if s.flagged else '    '} {s.score:.3f}  {s.study}  ({s.slices} slices)"
+              + (f"  [{s.outside_slices} slice(s) {OUTSIDE}: read it yourself]" if s.outside_slices else ""))
     for e in result.errors:
         print(f"  skipped: {e}")
     for note in result.notes:
@@ -224,12 +226,33 @@ def _site_arg(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"WARNING: listening on {args.host}: anyone who can reach this machine can upload scans")
+    store = TokenStore(args.tokens)
+    auth = bool(store.names())
+    check_exposure(args.host, tls=args.certfile is not None, auth=auth, force=args.insecure_expose)
     limits = Limits(max_files=args.max_files, max_file_bytes=int(args.max_file_mb * MIB))
-    print(f"ichedge triage on http://{args.host}:{args.port}/ (Ctrl-C stops it)")
-    serve(args.model, args.host, args.port, backend=args.backend, limits=limits,
-          keep_uploads=args.keep_uploads, explain=not args.no_heatmaps, site=args.site)
+    access = Access(tokens=args.tokens if auth else None, audit=None if args.no_audit else args.audit,
+                    allowed_hosts=tuple(allowed_hosts(args.host, args.allowed_host)), tls=args.certfile is not None)
+    scheme = "https" if args.certfile else "http"
+    print(f"ichedge triage on {scheme}://{args.host}:{args.port}/ (Ctrl-C stops it); "
+          + (f"bearer tokens from {args.tokens}" if auth else "no tokens (loopback only)")
+          + ("" if access.audit is None else f"; audit log {access.audit}"))
+    serve(args.model, args.host, args.port, certfile=args.certfile, keyfile=args.keyfile, backend=args.backend,
+          limits=limits, keep_uploads=args.keep_uploads, explain=not args.no_heatmaps, site=args.site, access=access)
+    return 0
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    store = TokenStore(args.tokens)
+    if args.action == "create":
+        token = store.create(args.name)
+        print(f"token {args.name!r} (shown once; only its SHA-256 is kept in {args.tokens}):\n{token}")
+    elif args.action == "revoke":
+        if not store.revoke(args.name):
+            raise ValueError(f"no token named {args.name!r} in {args.tokens}")
+        print(f"token {args.name!r} revoked")
+    else:
+        for entry in store.names():
+            print(f"{entry['name']}\tcreated {entry['created']}")
     return 0
 
 
@@ -372,7 +395,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-uploads", type=Path, help="save usable uploads here (DICOM de-identified); default: never")
     p.add_argument("--no-heatmaps", action="store_true", help="skip Grad-CAM (no Keras model needed)")
     _site_arg(p)
+    p.add_argument("--tokens", type=Path, default=tokens_file(),
+                   help="bearer tokens (`ichedge token create`); required as soon as it holds one, and to listen "
+                        "beyond this machine (default: %(default)s)")
+    p.add_argument("--certfile", help="TLS certificate (PEM): serve HTTPS; required to listen beyond this machine")
+    p.add_argument("--keyfile", help="TLS private key (PEM), unless the certificate file holds it")
+    p.add_argument("--allowed-host", action="append", default=[],
+                   help="a host name clients use to reach the service (repeat; needed beyond loopback)")
+    p.add_argument("--audit", type=Path, default=audit_file(), help="audit log, rotated daily (default: %(default)s)")
+    p.add_argument("--no-audit", action="store_true", help="keep no audit log")
+    p.add_argument("--insecure-expose", action="store_true",
+                   help="listen beyond this machine without TLS or tokens (uploads and results travel in clear, "
+                        "anyone who reaches the port can use it)")
     p.set_defaults(func=cmd_serve)
+    p = command("token", help="bearer tokens for `ichedge serve`: create (shown once), list, revoke")
+    p.add_argument("action", choices=("create", "list", "revoke"))
+    p.add_argument("name", nargs="?", help="who or what uses the token (create, revoke)")
+    p.add_argument("--tokens", type=Path, default=tokens_file(), help="token file (default: %(default)s)")
+    p.set_defaults(func=cmd_token)
     return parser
 
 

@@ -410,23 +410,53 @@ def check_no_patient_overlap(ds: Dataset, split: Split) -> None:
 # --- images -----------------------------------------------------------------------------------
 
 
-def read_image(path: Path, data: bytes | None = None) -> np.ndarray:
+@dataclass(frozen=True)
+class DecodeLimits:
+    """What one input may decode to, checked from its header before any pixel is decoded.
+
+    A small file can decode to gigabytes (a PNG of zeros, a Deflated DICOM), so file size
+    limits alone bound nothing. Head CT is 512x512 (1024x1024 at most) and one frame.
+    """
+
+    max_side: int = 2048
+    max_pixels: int = 2048 * 2048
+    max_inflated_bytes: int = 64 * 1024 * 1024  # a Deflated DICOM's dataset after inflation
+
+    def check(self, name: str | Path, width: int, height: int, frames: int = 1) -> None:
+        """DataError naming ``name`` when a ``width`` x ``height`` x ``frames`` image is over the limits."""
+        if width > self.max_side or height > self.max_side or width * height * frames > self.max_pixels:
+            raise DataError(f"{name}: image of {width}x{height} pixels" + (f" x {frames} frames" if frames > 1 else "")
+                            + f" is over the limit of {self.max_side}x{self.max_side} ({self.max_pixels / 1e6:.1f} "
+                            "megapixels); a head-CT slice is 512x512")
+
+
+def read_image(path: Path, data: bytes | None = None, limits: DecodeLimits = DecodeLimits()) -> np.ndarray:
     """One grayscale image as float32 in [0, 1]; a clear DataError for anything unreadable.
 
     8-bit images map 0..255 to 0..1. 16-bit and float images (exports of raw CT values) are
     stretched from their own minimum to maximum, since their value range is not known here;
     Hounsfield-unit data belongs in DICOM, where windows are exact. ``data``, if given, holds
-    the file's bytes (an upload) and ``path`` only names it.
+    the file's bytes (an upload) and ``path`` only names it. The size is checked against
+    ``limits`` from the header, before decoding.
     """
     try:
-        with Image.open(io.BytesIO(data) if data is not None else path) as im:
+        with warnings.catch_warnings():  # Pillow's own bomb warning; the limits below are tighter
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data) if data is not None else path)
+        with im:
+            limits.check(path, *im.size, getattr(im, "n_frames", 1) if im.format != "PNG" else 1)
             im.load()
             if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
                 a = np.asarray(im, dtype=np.float32)
                 lo, hi = float(a.min()), float(a.max())
                 return (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
             return np.asarray(im.convert("L"), dtype=np.float32) / 255.0
+    except DataError:
+        raise
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
+    except Image.DecompressionBombError:
+        raise DataError(f"{path}: image over Pillow's decompression-bomb limit, far over {limits.max_side}x"
+                        f"{limits.max_side}") from None
     except Exception as exc:  # PIL raises many types (incl. decompression bombs): all mean unusable
-        raise DataError(f"{path}: not a readable image ({type(exc).__name__}: {exc})") from None
+        raise DataError(f"{path}: not a readable image ({type(exc).__name__})") from None

@@ -12,14 +12,15 @@ import hashlib
 import io
 import logging
 import warnings
-from dataclasses import dataclass
+import zlib
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from pydicom.uid import AllTransferSyntaxes as ALL_TRANSFER_SYNTAXES
 
-from ichedge.data import DataError
+from ichedge.data import DataError, DecodeLimits
 
 logging.getLogger("pydicom").setLevel(logging.ERROR)  # its warnings quote header values
 
@@ -57,21 +58,46 @@ def pseudonym(uid: str | None, prefix: str) -> str:
     return f"{prefix}-{hashlib.sha256(str(uid).encode()).hexdigest()[:10]}"
 
 
+# Standard VRs: the first element of a DICOM stream without preamble names one (explicit VR).
+_VRS = {b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FL", b"FD", b"IS", b"LO", b"LT", b"OB", b"OD", b"OF",
+        b"OL", b"OV", b"OW", b"PN", b"SH", b"SL", b"SQ", b"SS", b"ST", b"SV", b"TM", b"UC", b"UI", b"UL", b"UN",
+        b"UR", b"US", b"UT", b"UV"}
+
+
 def is_dicom(head: bytes) -> bool:
-    """Decided by content: the 'DICM' marker after the 128-byte preamble (``head``: first bytes)."""
-    return len(head) >= 132 and head[128:132] == b"DICM"
+    """Decided by content (``head``: the first 132 bytes or more).
+
+    A DICOM file has the 'DICM' marker after a 128-byte preamble; a bare dataset (legal in
+    DICOM media other than files, and written by some tools) starts with a little-endian
+    group 0002 or 0008 element, explicit VR or implicit with a plausible length.
+    """
+    if len(head) >= 132 and head[128:132] == b"DICM":
+        return True
+    if len(head) < 8 or head[:2] not in (b"\x02\x00", b"\x08\x00") or head[2:4] == b"\x00\x00":
+        return False
+    return head[4:6] in _VRS or int.from_bytes(head[4:8], "little") < 1024
 
 
 @dataclass
 class CTSlice:
-    """One CT slice in HU, with where it belongs and where it lies (no identifying fields)."""
+    """One CT slice: where it belongs and where it lies (no identifying fields), its HU once read.
+
+    :func:`read_ct_header` leaves ``hu`` unread so that a series can be ordered before its
+    pixels are decoded one slice at a time; :meth:`pixels` decodes them then.
+    """
 
     path: Path
     study: str
     series: str
     position: float | None  # along the slice normal, in mm
     instance: int | None
-    hu: np.ndarray
+    hu: np.ndarray | None = None
+    data: bytes | None = field(default=None, repr=False)  # an upload's bytes, for a deferred read
+    limits: DecodeLimits = field(default=DecodeLimits(), repr=False)
+
+    def pixels(self) -> np.ndarray:
+        """The slice in HU, decoded now if it was not yet (not kept: memory stays one slice)."""
+        return self.hu if self.hu is not None else read_ct_slice(self.path, self.data, self.limits).hu
 
 
 def _position(ds) -> float | None:
@@ -88,46 +114,107 @@ def _position(ds) -> float | None:
     return None
 
 
-def read_ct_slice(path: str | Path, data: bytes | None = None) -> CTSlice:
+def read_ct_slice(path: str | Path, data: bytes | None = None, limits: DecodeLimits = DecodeLimits()) -> CTSlice:
     """Read one single-frame CT DICOM file as HU; DicomError says precisely why one cannot be used.
 
-    ``data``, if given, holds the file's bytes (an upload) and ``path`` only names it. pydicom's
-    warnings about malformed values quote those values (UIDs among them), so they are silenced
-    here, and any other failure on a malformed header becomes a DicomError naming only the file.
+    ``data``, if given, holds the file's bytes (an upload) and ``path`` only names it. What the
+    pixels decode to is checked against ``limits`` from the header first, and a Deflated file
+    is inflated within them. pydicom's warnings about malformed values quote those values (UIDs
+    among them), so they are silenced here, and any other failure on a malformed header becomes
+    a DicomError naming only the file.
     """
+    return _guarded(Path(path), data, limits, pixels=True)
+
+
+def read_ct_header(path: str | Path, data: bytes | None = None, limits: DecodeLimits = DecodeLimits()) -> CTSlice:
+    """As :func:`read_ct_slice`, with every check, but the pixels left to :meth:`CTSlice.pixels`."""
+    return _guarded(Path(path), data, limits, pixels=False)
+
+
+def _guarded(path: Path, data: bytes | None, limits: DecodeLimits, pixels: bool) -> CTSlice:
     import pydicom
 
-    path = Path(path)
     pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            return _read_ct_slice(path, data)
+            return _read_ct_slice(path, data, limits, pixels)
         except DicomError:
             raise
+        except DataError as exc:  # the decode limits' message, already naming the file
+            raise DicomError(str(exc)) from None
         except Exception as exc:
             raise DicomError(f"{path}: malformed DICOM header or pixel data ({type(exc).__name__})") from None
 
 
-def _read_ct_slice(path: Path, data: bytes | None) -> CTSlice:
+def _check_inflation(path: Path, fp, limits: DecodeLimits) -> bool:
+    """Refuse a Deflated file whose dataset inflates beyond the limit, inflating at most that much.
+
+    pydicom inflates the whole dataset in one call before anything can be checked: a 1 MB file
+    can inflate to gigabytes. ``fp`` is at the start of the file. Returns whether the file has
+    the preamble and 'DICM' marker.
+    """
+    from pydicom.filereader import _read_file_meta_info, read_preamble  # no public bounded reader
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    if read_preamble(fp, force=True) is None:
+        return False  # a bare dataset has no file meta, so no declared (Deflated) transfer syntax
+    meta = _read_file_meta_info(fp)
+    if meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
+        return True
+    inflater, size = zlib.decompressobj(-zlib.MAX_WBITS), 0
+    while chunk := fp.read(1 << 20):
+        size += len(inflater.decompress(chunk, limits.max_inflated_bytes + 1 - size))
+        if size > limits.max_inflated_bytes or inflater.unconsumed_tail:
+            raise DicomError(f"{path}: Deflated data inflates beyond {limits.max_inflated_bytes // 2**20} MiB")
+    return True
+
+
+def _read_ct_slice(path: Path, data: bytes | None, limits: DecodeLimits, pixels: bool) -> CTSlice:
     import pydicom
     from pydicom.errors import InvalidDicomError
     from pydicom.pixels import apply_modality_lut, get_decoder
 
     try:
-        ds = pydicom.dcmread(io.BytesIO(data) if data is not None else path)
+        with io.BytesIO(data) if data is not None else open(path, "rb") as fp:
+            marked = _check_inflation(path, fp, limits)
+            fp.seek(0)
+            if not marked and not is_dicom(fp.read(132)):
+                raise InvalidDicomError
+            fp.seek(0)
+            ds = pydicom.dcmread(fp, force=not marked, stop_before_pixels=not pixels)
+    except DicomError:
+        raise
     except InvalidDicomError:
         raise DicomError(f"{path}: not a DICOM file") from None
     except FileNotFoundError:
         raise DicomError(f"{path}: file not found") from None
     except Exception as exc:  # truncated or garbled files raise many types inside pydicom
         raise DicomError(f"{path}: unreadable DICOM ({type(exc).__name__})") from None
+    if len(ds) == 0:
+        raise DicomError(f"{path}: not a DICOM file")
+    if not marked:  # a bare dataset: its encoding, as read, is its transfer syntax
+        from pydicom.dataset import FileMetaDataset
+        from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+        implicit, little = ds.original_encoding
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = (ImplicitVRLittleEndian if implicit else
+                                          ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
     modality = str(ds.get("Modality", "") or "")
     sop_class = str(ds.get("SOPClassUID", "") or "")
     if modality != "CT" if modality else sop_class not in CT_IMAGE_STORAGE:
         raise DicomError(f"{path}: modality {modality or 'not given'}, not CT; ichedge reads head CT only")
-    if "PixelData" not in ds:
+    if pixels and "PixelData" not in ds or not pixels and "Rows" not in ds:
         raise DicomError(f"{path}: no pixel data (a report, structured or directory object?)")
+    frames, samples = _int(path, ds, "NumberOfFrames", 1), _int(path, ds, "SamplesPerPixel", 1)
+    if frames != 1 or samples != 1:
+        raise DicomError(f"{path}: {frames} frame(s) of {samples} sample(s) per pixel; ichedge reads single-frame "
+                         "grayscale CT")
+    limits.check(path, _int(path, ds, "Columns", 0), _int(path, ds, "Rows", 0))
+    bits = _int(path, ds, "BitsAllocated", 16)
+    if bits not in (8, 16, 32):
+        raise DicomError(f"{path}: {bits} bits allocated per pixel; CT stores 8, 16 or 32")
     syntax = getattr(ds, "file_meta", {}).get("TransferSyntaxUID")
     if syntax is not None and syntax not in ALL_TRANSFER_SYNTAXES:
         raise DicomError(f"{path}: transfer syntax not recognised")
@@ -139,13 +226,16 @@ def _read_ct_slice(path: Path, data: bytes | None) -> CTSlice:
         if not available:
             raise DicomError(f"{path}: compressed as {syntax.name}, and no decoder for it is installed "
                              "(pydicom codec plugins such as pylibjpeg or pyjpegls add one)")
-    try:
-        pixels = ds.pixel_array
-    except Exception as exc:
-        raise DicomError(f"{path}: pixel data unreadable ({type(exc).__name__})") from None
-    if pixels.ndim != 2:
-        raise DicomError(f"{path}: pixel array of shape {pixels.shape}; ichedge reads single-frame grayscale CT")
-    hu = np.asarray(apply_modality_lut(pixels, ds), dtype=np.float32)
+    hu = None
+    if pixels:
+        try:
+            array = ds.pixel_array
+        except Exception as exc:
+            raise DicomError(f"{path}: pixel data unreadable ({type(exc).__name__})") from None
+        if array.ndim != 2:
+            raise DicomError(f"{path}: pixel array of shape {array.shape}; ichedge reads single-frame grayscale CT")
+        with np.errstate(all="ignore"):  # a NaN or huge slope is for the quality gate to name
+            hu = np.asarray(apply_modality_lut(array, ds), dtype=np.float32)
     return CTSlice(
         path=path,
         study=pseudonym(ds.get("StudyInstanceUID"), "study"),
@@ -153,7 +243,20 @@ def _read_ct_slice(path: Path, data: bytes | None) -> CTSlice:
         position=_position(ds),
         instance=_instance(ds),
         hu=hu,
+        data=data if not pixels else None,
+        limits=limits,
     )
+
+
+def _int(path: Path, ds, keyword: str, default: int) -> int:
+    """An integer header field, ``default`` where it is missing; a malformed one is a DicomError."""
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise DicomError(f"{path}: {keyword} is not a number") from None
 
 
 def _instance(ds) -> int | None:
@@ -181,47 +284,3 @@ def order_series(slices: list[CTSlice]) -> dict[tuple[str, str], list[CTSlice]]:
         else:
             members.sort(key=lambda s: str(s.path))
     return groups
-
-
-# Fields that identify a patient directly (DICOM PS3.15 basic profile, the ones a CT header holds).
-IDENTIFYING_FIELDS = (
-    "PatientName", "PatientID", "PatientBirthDate", "PatientBirthTime", "OtherPatientIDs",
-    "OtherPatientNames", "PatientAddress", "PatientTelephoneNumbers", "PatientMotherBirthName",
-    "MedicalRecordLocator", "ReferringPhysicianName", "InstitutionName", "InstitutionAddress",
-    "AccessionNumber", "StudyID", "IssuerOfPatientID",
-)
-
-
-def deidentify(data: bytes) -> bytes:
-    """A copy of a DICOM file without what identifies the patient.
-
-    Person names and dates are emptied everywhere (nested sequences too), so are the fields in
-    :data:`IDENTIFYING_FIELDS`; private tags are removed; instance UIDs are replaced by UIDs
-    derived from them, so the slices of one series still group together. Class and transfer
-    syntax UIDs stay: they describe the data, not the patient.
-    """
-    import pydicom
-    from pydicom.multival import MultiValue
-    from pydicom.uid import generate_uid
-
-    def new_uid(value: object) -> str:
-        return generate_uid(entropy_srcs=[str(value)])
-
-    def clean(_, elem) -> None:
-        if elem.VR in ("PN", "DA", "DT") or elem.keyword in IDENTIFYING_FIELDS:
-            elem.value = ""
-        elif elem.VR == "UI" and elem.value and not elem.keyword.endswith(("ClassUID", "TransferSyntaxUID")):
-            elem.value = [new_uid(v) for v in elem.value] if isinstance(elem.value, MultiValue) else new_uid(elem.value)
-
-    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ds = pydicom.dcmread(io.BytesIO(data))
-        ds.remove_private_tags()
-        ds.walk(clean)
-        if "SOPInstanceUID" in ds:
-            ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        ds.PatientIdentityRemoved = "YES"
-        out = io.BytesIO()
-        ds.save_as(out, enforce_file_format=True)
-    return out.getvalue()

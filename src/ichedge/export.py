@@ -180,6 +180,7 @@ def model_card(run: RunFolder, metrics: dict, int8_bytes: bytes, files: dict[str
         "data_credit": meta["dataset"].get("credit") or "none recorded for this training data",
         "training_sources": training_sources(meta["dataset"]),
         "intended_use": "research on edge triage of head CT; not a medical device, not for diagnosis",
+        "input_reference": run.input_reference(),
     }
 
 
@@ -231,6 +232,10 @@ def model_card_markdown(card: dict) -> str:
         f"- preprocessing: {json.dumps(card['preprocessing'])}",
         f"- int8 input: scale {q['input']['scale']:.6g}, zero point {q['input']['zero_point']}; "
         f"output: scale {q['output']['scale']:.6g}, zero point {q['output']['zero_point']} ({q['calibration']})",
+        "- input check: every slice passes ichedge's quality gate (no head, constant, implausible HU, too small) "
+        "before it is scored; " + (f"an input OOD score against {card['input_reference']['n_train']} training inputs "
+                                   "(in this card) flags slices outside what the model was validated on"
+                                   if card.get("input_reference") else "no input reference recorded, so no OOD score"),
         "", "## Decision thresholds",
         f"- 0.5 (default); {card['thresholds']['high_sensitivity']:.4f} for sensitivity >= "
         f"{card['thresholds']['high_sensitivity_target']} on the validation patients",

@@ -1,23 +1,27 @@
 """Files and uploads to model inputs: PNG/JPEG slices and DICOM series, judged by content.
 
 :func:`gather_sources` finds the files of the paths given; :func:`prepare_sources` reads,
-windows, groups into studies, orders and preprocesses them. An unusable file is reported by
-name and left out; the others go on.
+windows, groups into studies, orders and preprocesses them. What a file decodes to is bounded
+(:class:`~ichedge.data.DecodeLimits`, checked from headers), DICOM pixels are decoded one slice
+at a time after the series is ordered, and every slice passes the quality gate
+(:mod:`ichedge.quality`) before it can be scored. An unusable file is reported by name and
+left out; the others go on.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ichedge.channels import NEXT, PREVIOUS
-from ichedge.data import DataError, read_image
-from ichedge.dicom import WINDOWS, CTSlice, is_dicom, order_series, read_ct_slice, window, windowed
+from ichedge.data import DataError, DecodeLimits, read_image
+from ichedge.dicom import WINDOWS, CTSlice, is_dicom, order_series, read_ct_header, window, windowed
 from ichedge.preprocess import Preprocessing, prepare_slice
+from ichedge.quality import UnusableSlice, gate
 
 PNG_MAGIC, JPEG_MAGIC = b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff"
 
@@ -70,8 +74,9 @@ class Prepared:
     errors: list[str]
 
 
-def prepare_sources(sources: Sequence[Source], pre: Preprocessing, image_study: str | None = None) -> Prepared:
-    """Read, window, group, order and preprocess files; each unusable file is reported, not fatal.
+def prepare_sources(sources: Sequence[Source], pre: Preprocessing, image_study: str | None = None,
+                    limits: DecodeLimits = DecodeLimits()) -> Prepared:
+    """Read, window, group, order, gate and preprocess files; each unusable file is reported, not fatal.
 
     DICOM slices are grouped into series by their UIDs (named by hashes, never by patient
     fields) and ordered along the patient axis. PNG/JPEG images are taken as brain-window
@@ -84,13 +89,13 @@ def prepare_sources(sources: Sequence[Source], pre: Preprocessing, image_study: 
         try:
             kind = file_kind(src.head())
         except OSError as exc:
-            errors.append(f"{src.name}: unreadable ({exc.strerror or exc})")
+            errors.append(f"{src.name}: unreadable ({exc.strerror or type(exc).__name__})")
             continue
         if kind is None:
             errors.append(f"{src.name}: not a PNG, JPEG or DICOM file (judged by its content)")
         elif kind == "dicom":
             try:
-                ct.append(read_ct_slice(src.name, src.data))
+                ct.append(read_ct_header(src.name, src.data, limits))
             except DataError as exc:
                 errors.append(str(exc))
         else:
@@ -98,9 +103,13 @@ def prepare_sources(sources: Sequence[Source], pre: Preprocessing, image_study: 
 
     files, studies, indices, xs = [], [], [], []
 
-    def add(name: str, study: str, index: int, windows: dict[str, np.ndarray]) -> None:
+    def add(name: str, study: str, index: int, windows: dict[str, np.ndarray], hu: np.ndarray | None = None) -> None:
         try:
+            gate(name, windows, hu)
             xs.append(prepare_slice(windows, pre))
+        except UnusableSlice as exc:
+            errors.append(str(exc))
+            return
         except DataError as exc:
             errors.append(f"{name}: {exc}")
             return
@@ -109,13 +118,15 @@ def prepare_sources(sources: Sequence[Source], pre: Preprocessing, image_study: 
         indices.append(index)
 
     for (study, series), members in order_series(ct).items():
-        names = pre.windows
-        for i, s in enumerate(members):
-            windows = windowed(s.hu, names)
-            if "neighbours" in pre.mode.needs:  # the series order gives them
-                windows[PREVIOUS] = window(members[max(i - 1, 0)].hu, *WINDOWS["brain"])
-                windows[NEXT] = window(members[min(i + 1, len(members) - 1)].hu, *WINDOWS["brain"])
-            add(str(s.path), f"{study}/{series}", i, windows)
+        for i, (s, hu, around) in enumerate(_decoded(members, "neighbours" in pre.mode.needs)):
+            if isinstance(hu, DataError):
+                errors.append(str(hu))
+                continue
+            windows = windowed(hu, pre.windows)
+            for key, other in zip((PREVIOUS, NEXT), around):  # the series order gives the neighbours
+                usable = isinstance(other, np.ndarray) and other.shape == hu.shape
+                windows[key] = window(other if usable else hu, *WINDOWS["brain"])
+            add(str(s.path), f"{study}/{series}", i, windows, hu)
 
     if images and not pre.mode.single_image:
         errors += [f"{src.name}: channel mode {pre.channels} needs DICOM input (HU or slice order); "
@@ -125,7 +136,7 @@ def prepare_sources(sources: Sequence[Source], pre: Preprocessing, image_study: 
     for src in sorted(images, key=lambda s: natural_key(s.name)):
         folder = image_study or str(Path(src.name).parent)
         try:
-            image = read_image(Path(src.name), src.data)
+            image = read_image(Path(src.name), src.data, limits)
         except DataError as exc:
             errors.append(str(exc))
             continue
@@ -133,6 +144,30 @@ def prepare_sources(sources: Sequence[Source], pre: Preprocessing, image_study: 
         counters[folder] += 1
     x = np.stack(xs) if xs else np.zeros((0, pre.size, pre.size, 3), np.uint8)
     return Prepared(files, studies, indices, x, errors)
+
+
+def _decoded(members: list[CTSlice], neighbours: bool) -> Iterator[tuple[CTSlice, np.ndarray | DataError, tuple]]:
+    """Each slice of an ordered series with its HU (or why not) and, if asked, its neighbours' HU.
+
+    Pixels are decoded in series order and at most three slices are held at once, so a long
+    series costs the memory of its model inputs, not of its full-resolution HU.
+    """
+    cache: dict[int, np.ndarray | DataError] = {}
+
+    def pixels(j: int) -> np.ndarray | DataError:
+        if j not in cache:
+            try:
+                cache[j] = members[j].pixels()
+            except DataError as exc:
+                cache[j] = exc
+        return cache[j]
+
+    last = len(members) - 1
+    for i, s in enumerate(members):
+        for old in [k for k in cache if k < i - 1]:
+            del cache[old]
+        around = (pixels(max(i - 1, 0)), pixels(min(i + 1, last))) if neighbours else ()
+        yield s, pixels(i), around
 
 
 def natural_key(name: str) -> list:

@@ -9,6 +9,7 @@ of its file names. The layout (docs/run-folder.md)::
         metrics.json       test metrics at 0.5 and at the validated thresholds, intervals
         predictions.npz    validation and test probabilities and labels
         context.json       the fitted slice-context stage (runs trained with --context)
+        input_reference.json  the training inputs' statistics, for the OOD score (ichedge.quality)
         plots/, report.html
         export[-N]/        model_float32.tflite, model_int8.tflite, model_int8.h/.cc,
                            model_card.json/.md, profile.json
@@ -48,6 +49,7 @@ LAYOUT_VERSION = 2
 
 CONFIG, MODEL, HISTORY, METRICS = "config.json", "model.keras", "history.csv", "metrics.json"
 PREDICTIONS, CONTEXT, PLOTS, REPORT = "predictions.npz", "context.json", "plots", "report.html"
+REFERENCE = "input_reference.json"
 EXPORT, SITE_PROFILES = "export", "site_profiles"
 # A site profile: SITE-STAMP[-N].json in SITE_PROFILES, N where two calibrations share a second.
 SITE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
@@ -139,6 +141,9 @@ class RunWriter:
 
     def context(self, context: SliceContext) -> None:
         write_json(self.folder / CONTEXT, context.to_json())
+
+    def reference(self, reference: dict) -> None:
+        write_json(self.folder / REFERENCE, reference)
 
     def predictions(self, probabilities: Mapping[str, np.ndarray], labels: Mapping[str, np.ndarray]) -> None:
         np.savez(self.folder / PREDICTIONS, **{f"{k}_p": v for k, v in probabilities.items()},
@@ -241,6 +246,11 @@ class RunFolder:
             return SliceContext.from_json(_read_json(path))
         except ValueError as exc:
             raise DataError(f"{path}: unusable ({exc})") from None
+
+    def input_reference(self) -> dict | None:
+        """The training inputs' statistics (:class:`ichedge.quality.InputReference` JSON); None for older runs."""
+        path = self.path / REFERENCE
+        return _read_json(path) if path.is_file() else None
 
     def predictions(self) -> dict[str, np.ndarray]:
         with np.load(self.path / PREDICTIONS) as data:

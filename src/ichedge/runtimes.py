@@ -26,6 +26,7 @@ from ichedge.data import DataError
 from ichedge.model import sha256
 from ichedge.output import native_output_silenced
 from ichedge.preprocess import Preprocessing
+from ichedge.quality import InputReference
 from ichedge.registry import Registry
 from ichedge.runs import SITE_PROFILES, ExportFolder, RunFolder
 from ichedge.thresholds import Decision
@@ -71,6 +72,7 @@ class Predictor(ABC):
     preprocessing: Preprocessing
     source: Path
     decision: Decision | None = None  # set by open() from the run folder or model card
+    reference: InputReference | None = None  # the training inputs' statistics, for the OOD score
 
     @abstractmethod
     def predict(self, x: np.ndarray) -> np.ndarray: ...
@@ -87,12 +89,16 @@ class Predictor(ABC):
         ``reference_kernels`` runs a .tflite with LiteRT's reference kernels, the arithmetic
         TensorFlow Lite Micro implements, instead of the optimised (XNNPACK) ones. ``site`` uses
         that site's newest profile in the model's run folder instead of the validated thresholds.
+        The input reference comes from the model card (exports) or the run folder.
         """
         path = Path(path)
         suffix = KerasPredictor.suffix if path.is_dir() else path.suffix
         for runtime in RUNTIMES:
             if runtime.suffix == suffix:
                 predictor = runtime.open(path, num_threads, reference_kernels)
+                if predictor.reference is None and (run := RunFolder.of_model(path)) is not None:
+                    saved = run.input_reference()
+                    predictor.reference = InputReference.from_json(saved) if saved else None
                 if site is not None:
                     predictor.use_site(site)
                 return predictor
@@ -151,6 +157,8 @@ class LiteRTPredictor(Predictor):
         card = ExportFolder.of_model(path).card()
         predictor = cls(path, Preprocessing.from_json(card["preprocessing"]), num_threads, reference_kernels)
         predictor.decision = Decision.from_thresholds(card["thresholds"], predictor.runtime)
+        if card.get("input_reference"):
+            predictor.reference = InputReference.from_json(card["input_reference"])
         return predictor
 
     def __init__(

@@ -1,16 +1,25 @@
 """Triage web service: a JSON API and a browser page over one model, loaded once.
 
-`create_app` builds the FastAPI app; `ichedge serve` runs it with uvicorn on 127.0.0.1 unless
-told otherwise. Uploads stay in memory (the multipart spool is sized to the request limit) and
-are written to disk only when ``keep_uploads`` is set, DICOM then de-identified. File types are
-decided by content. Bad input gets a 4xx with a message naming the file; one bad file in a
-batch is reported and the others are still scored. ``site`` serves at a site's own thresholds
-(``ichedge calibrate``).
+`create_app` builds the FastAPI app; `ichedge serve` runs it on 127.0.0.1 unless told otherwise.
+Uploads stay in memory and are written to disk only when ``keep_uploads`` is set, DICOM then
+de-identified to the DICOM Basic Profile and images stripped of metadata. File types are
+decided by content, and what a file decodes to is bounded from its header. Every slice passes
+the quality gate and gets an input OOD score. Bad input gets a 4xx with a message naming the
+file; one bad file in a batch is reported and the others are still scored.
+
+Cost is bounded per request (:class:`Limits`): a few requests are read and scored at once, a
+few more wait, the rest get 503 with Retry-After; inference takes turns of a few slices, first
+come first served, so a one-slice request is never stuck behind a 64-slice one. Access
+(tokens, allowed hosts, same origin, security headers, the audit log) is :mod:`ichedge.access`;
+timeouts are :mod:`ichedge.connections`. ``site`` serves at a site's own thresholds.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import collections
+import contextlib
 import hashlib
 import html
 import io
@@ -18,29 +27,33 @@ import json
 import os
 import tempfile
 import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
 
 import keras
 import numpy as np
-import uvicorn
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from PIL import Image
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartParser
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from ichedge import __version__
-from ichedge.data import CT_ICH_CREDIT, DataError
-from ichedge.dicom import deidentify
+from ichedge.access import AuditLog, SameOrigin, SecurityHeaders, TokenStore, allowed_hosts, bearer_auth, study_hash
+from ichedge.connections import Timeouts, run
+from ichedge.data import CT_ICH_CREDIT, DataError, DecodeLimits
+from ichedge.deid import DeidentificationError, deidentify_dicom, strip_image_metadata
 from ichedge.explain import GradCAM, overlay
 from ichedge.intake import Prepared, Source, file_kind, prepare_sources
 from ichedge.runs import EXPORT_MODELS, ExportFolder, RunFolder, keras_model_file
 from ichedge.runtimes import KerasPredictor, LiteRTPredictor, Predictor
-from ichedge.triage import triage
+from ichedge.triage import OUTSIDE, TriageResult, triage
 
 # What `serve` runs from a run folder: the Keras model itself, or one of its exported models.
 BACKENDS = (*reversed(EXPORT_MODELS), KerasPredictor.kind)  # int8 first: the default
@@ -49,11 +62,97 @@ MIB = 1024 * 1024
 
 @dataclass(frozen=True)
 class Limits:
-    """What one request may carry."""
+    """What one request may carry, and how many are served at once (docs/service.md, "Limits")."""
 
     max_files: int = 256  # a head CT series at 5 mm is 30 to 40 slices; thin slices run to 300
     max_file_bytes: int = 16 * MIB
-    max_request_bytes: int = 256 * MIB
+    max_request_bytes: int = 128 * MIB  # 256 uncompressed 512x512 CT slices
+    decode: DecodeLimits = DecodeLimits()
+    max_active: int = 2  # requests being read, decoded and scored at once
+    max_waiting: int = 8  # requests waiting for one of those; more are told to retry
+    retry_after_s: int = 5
+    turn: int = 8  # slices per inference turn: what a newly arrived request waits for at most
+
+
+@dataclass(frozen=True)
+class Access:
+    """Who may use the service and what is recorded (:mod:`ichedge.access`).
+
+    The defaults suit loopback: no tokens, the loopback host names. ``ichedge serve`` refuses to
+    listen beyond loopback without tokens and TLS (:func:`ichedge.access.check_exposure`).
+    """
+
+    tokens: Path | None = None  # bearer tokens required when set (ichedge token create)
+    audit: Path | None = None  # the audit log; None keeps none
+    allowed_hosts: tuple[str, ...] = tuple(allowed_hosts("127.0.0.1"))
+    tls: bool = False
+
+
+class Busy(Exception):
+    """Every slot is taken and the waiting line is full."""
+
+
+class Admission:
+    """At most ``active`` requests at work and ``waiting`` in line; the rest are refused at once.
+
+    A request is admitted before its body is read, so the bodies of waiting requests are not
+    in memory.
+    """
+
+    def __init__(self, active: int, waiting: int) -> None:
+        self.slots = asyncio.Semaphore(active)
+        self.waiting, self.max_waiting = 0, waiting
+
+    @contextlib.asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        if self.slots.locked():
+            if self.waiting >= self.max_waiting:
+                raise Busy
+            self.waiting += 1
+            try:
+                await self.slots.acquire()
+            finally:
+                self.waiting -= 1
+        else:
+            await self.slots.acquire()
+        try:
+            yield
+        finally:
+            self.slots.release()
+
+
+class Turns:
+    """Runs models on batches in turns of ``size`` inputs, first come first served.
+
+    LiteRT interpreters and the Grad-CAM model are not thread-safe, so one turn runs at a time;
+    a request queues again after each of its turns, so a request that arrives during a long
+    one waits for one turn, not for the whole of it.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.ready = threading.Condition()
+        self.queue: collections.deque[object] = collections.deque()
+
+    @contextlib.contextmanager
+    def _turn(self) -> Iterator[None]:
+        ticket = object()
+        with self.ready:
+            self.queue.append(ticket)
+            self.ready.wait_for(lambda: self.queue[0] is ticket)
+        try:
+            yield
+        finally:
+            with self.ready:
+                self.queue.popleft()
+                self.ready.notify_all()
+
+    def __call__(self, model: Callable[[np.ndarray], np.ndarray], x: np.ndarray) -> np.ndarray:
+        out = []
+        for start in range(0, max(len(x), 1), self.size):
+            with self._turn():
+                out.append(model(x[start:start + self.size]))
+        return np.concatenate(out)
 
 
 def resolve_model(path: str | Path, backend: str = "int8") -> Path:
@@ -90,7 +189,7 @@ def _png_data_url(picture: np.ndarray) -> str:
 
 
 class TriageService:
-    """The model, its explainer and the limits; thread-safe inference (LiteRT is not)."""
+    """The model, its explainer and the limits; inference in turns (LiteRT is not thread-safe)."""
 
     def __init__(self, model: str | Path, backend: str = "int8", limits: Limits = Limits(),
                  keep_uploads: Path | None = None, explain: bool = True, site: str | None = None) -> None:
@@ -109,21 +208,21 @@ class TriageService:
                      "heatmaps": self.explainer is not None}
         self.limits = limits
         self.keep_uploads = keep_uploads
-        self.lock = threading.Lock()
+        self.turns = Turns(limits.turn)
 
-    def run(self, sources: list[Source], study_name: str, heatmaps: bool) -> tuple[Prepared, object]:
-        prepared = prepare_sources(sources, self.predictor.preprocessing, image_study=study_name)
+    def run(self, sources: list[Source], study_name: str, heatmaps: bool) -> tuple[Prepared, TriageResult]:
+        prepared = prepare_sources(sources, self.predictor.preprocessing, image_study=study_name,
+                                   limits=self.limits.decode)
         explain = "all" if heatmaps and self.explainer is not None else "none"
-        with self.lock:
-            # Uploads are single slices or partial studies: slice context (fitted on whole
-            # studies) is left to `ichedge predict --context`.
-            result = triage(prepared, self.predictor, explain, self.explainer)
+        # Uploads are single slices or partial studies: slice context (fitted on whole studies)
+        # is left to `ichedge predict --context`.
+        result = triage(prepared, self.predictor, explain, self.explainer, run=self.turns)
         if self.keep_uploads is not None:
             result.errors += self._keep(sources, prepared)
         return prepared, result
 
     def _keep(self, sources: list[Source], prepared: Prepared) -> list[str]:
-        """Usable uploads only, named by content hash; DICOM without identifying fields.
+        """Usable uploads only, named by content hash: DICOM de-identified, images re-encoded bare.
 
         A file that cannot be kept is reported, never an error of the whole request; a unique
         temporary name per write keeps concurrent uploads of the same file apart.
@@ -136,28 +235,38 @@ class TriageService:
                 continue
             try:
                 is_dicom = file_kind(src.data) == "dicom"
-                data = deidentify(src.data) if is_dicom else src.data
-                suffix = ".dcm" if is_dicom else ".png" if data.startswith(b"\x89PNG") else ".jpg"
-                target = self.keep_uploads / (hashlib.sha256(src.data).hexdigest()[:20] + suffix)
+                if is_dicom:
+                    data = deidentify_dicom(src.data)
+                else:
+                    data = strip_image_metadata(src.data, self.limits.decode.max_pixels)
+                target = self.keep_uploads / (hashlib.sha256(src.data).hexdigest()[:20] + (".dcm" if is_dicom else ".png"))
                 handle, tmp = tempfile.mkstemp(dir=self.keep_uploads, suffix=".part")
                 with os.fdopen(handle, "wb") as fh:
                     fh.write(data)
                 os.replace(tmp, target)
+            except DeidentificationError as exc:
+                problems.append(f"{src.name}: scored, but not kept ({exc})")
             except Exception as exc:  # pydicom and the file system raise many types; scoring already succeeded
                 problems.append(f"{src.name}: scored, but not kept ({type(exc).__name__})")
         return problems
 
 
-async def read_uploads(request: Request, limits: Limits) -> tuple[list[Source], list[dict], str]:
-    """Multipart files from a request, in memory; what cannot be used is listed, not raised."""
+def check_request(request: Request, limits: Limits) -> None:
+    """What the headers alone can refuse, before the request waits for a slot or sends its body."""
     length = request.headers.get("content-length")
     if length is None:
         raise HTTPException(411, "send a Content-Length header (chunked uploads are not accepted)")
+    if not length.isdigit():
+        raise HTTPException(400, "Content-Length is not a number")
     if int(length) > limits.max_request_bytes:
         raise HTTPException(413, f"request of {int(length) / MIB:.1f} MiB is over the limit of "
                                  f"{limits.max_request_bytes / MIB:.0f} MiB")
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise HTTPException(415, "send the files as multipart/form-data, field name 'files'")
+
+
+async def read_uploads(request: Request, limits: Limits) -> tuple[list[Source], list[dict], str]:
+    """Multipart files from a request, in memory; what cannot be used is listed, not raised."""
     form = await request.form(max_files=limits.max_files, max_fields=16)
     uploads = [f for f in form.getlist("files") if isinstance(f, UploadFile)]
     if not uploads:
@@ -171,6 +280,7 @@ async def read_uploads(request: Request, limits: Limits) -> tuple[list[Source], 
             name = f"{base} ({n})"
         seen.add(name)
         data = await upload.read(limits.max_file_bytes + 1)
+        await upload.close()  # the spooled copy goes now, not with the request: one copy in memory
         if not data:
             errors.append({"file": name, "error": f"{name}: empty file"})
         elif len(data) > limits.max_file_bytes:
@@ -181,6 +291,12 @@ async def read_uploads(request: Request, limits: Limits) -> tuple[list[Source], 
     return sources, errors, study
 
 
+def decision_text(flagged: bool, outside: bool) -> str:
+    """What the page shows: a result outside the model's validated inputs is never plain reassurance."""
+    text = "hemorrhage suspected" if flagged else "no hemorrhage flagged"
+    return f"{text}; {OUTSIDE}: read it yourself" if outside else text
+
+
 def _file_errors(messages: list[str], known: list[dict]) -> list[dict]:
     out = list(known)
     for m in messages:
@@ -189,9 +305,12 @@ def _file_errors(messages: list[str], known: list[dict]) -> list[dict]:
 
 
 def create_app(model: str | Path, backend: str = "int8", limits: Limits = Limits(),
-               keep_uploads: Path | None = None, explain: bool = True, site: str | None = None) -> FastAPI:
+               keep_uploads: Path | None = None, explain: bool = True, site: str | None = None,
+               access: Access = Access()) -> FastAPI:
     """The FastAPI app serving ``model`` (a run folder, .tflite or .keras), at ``site``'s thresholds if given."""
     service = TriageService(model, backend, limits, keep_uploads, explain, site)
+    auth = Depends(bearer_auth(TokenStore(access.tokens) if access.tokens is not None else None))
+    audit = AuditLog(access.audit) if access.audit is not None else None
     # Starlette spools uploads over 1 MiB to a temporary file; within the request limit they stay in memory.
     MultiPartParser.spool_max_size = limits.max_request_bytes
     web = Path(str(resources.files("ichedge") / "web"))
@@ -200,19 +319,49 @@ def create_app(model: str | Path, backend: str = "int8", limits: Limits = Limits
                               "Research use only; not a medical device.")
     app.state.service = service
     app.mount("/static", StaticFiles(directory=web), name="static")
+    # Added last is outermost: headers on every answer, then the Host check, then the Origin check.
+    app.add_middleware(SameOrigin)
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(access.allowed_hosts))
+    app.add_middleware(SecurityHeaders, tls=access.tls)
 
     def decision_fields() -> dict:
         d = service.predictor.decision
         return {"slice_threshold": d.slice_threshold, "study_threshold": d.study_threshold,
                 "study_aggregate": d.study_aggregate, "target_sensitivity": d.target_sensitivity, "site": d.site}
 
+    admission = Admission(limits.max_active, limits.max_waiting)
+
     async def score(request: Request, heatmap: bool):
-        sources, errors, study = await read_uploads(request, limits)
-        prepared, result = await run_in_threadpool(service.run, sources, study, heatmap)
-        errors = _file_errors(result.errors, errors)
-        if not result.slices:
-            raise HTTPException(422, {"message": "no usable slice in the upload", "errors": errors})
-        return prepared, result, errors
+        started, record = time.perf_counter(), {"status": 500}
+        try:
+            check_request(request, limits)
+            try:
+                async with admission.slot():
+                    sources, errors, study = await read_uploads(request, limits)
+                    prepared, result = await run_in_threadpool(service.run, sources, study, heatmap)
+            except Busy:
+                raise HTTPException(503, f"busy: {limits.max_active} requests are being scored and "
+                                         f"{limits.max_waiting} are waiting; retry later",
+                                    headers={"Retry-After": str(limits.retry_after_s)}) from None
+            record.update(n_files=len(sources) + len(errors),
+                          study=study_hash([hashlib.sha256(s.data).hexdigest() for s in sources]) if sources else None,
+                          decision={"slices": len(result.slices), "flagged_slices": sum(s.flagged for s in result.slices),
+                                    "studies": len(result.studies), "flagged_studies": sum(s.flagged for s in result.studies),
+                                    "outside_slices": sum(s.outside for s in result.slices)})
+            errors = _file_errors(result.errors, errors)
+            if not result.slices:
+                raise HTTPException(422, {"message": "no usable slice in the upload", "errors": errors})
+            record["status"] = 200
+            return prepared, result, errors
+        except HTTPException as exc:
+            record["status"] = exc.status_code
+            raise
+        finally:
+            if audit is not None:
+                client = request.client.host if request.client else None
+                await run_in_threadpool(audit.write, token=request.state.token_name, client=client, method=request.method,
+                                        path=request.url.path, model=service.info["id"],
+                                        latency_ms=1000 * (time.perf_counter() - started), **record)
 
     def slice_json(prepared: Prepared, result, k: int) -> dict:
         s, t = result.slices[k], service.predictor.decision.slice_threshold
@@ -220,25 +369,30 @@ def create_app(model: str | Path, backend: str = "int8", limits: Limits = Limits
         if result.explained is not None:
             heat = _png_data_url(overlay(prepared.x[k], result.heatmaps[k], scale=2))
         return {"file": s.file, "study": s.study, "index": s.index, "probability": s.probability,
-                "flagged": s.flagged, "threshold": t,
-                "decision": "hemorrhage suspected" if s.flagged else "no hemorrhage flagged", "heatmap": heat}
+                "flagged": s.flagged, "threshold": t, "decision": decision_text(s.flagged, s.outside),
+                "ood_score": s.ood_score, "outside": s.outside, "heatmap": heat}
 
     @app.get("/api/health")
     def health() -> dict:
         return {"status": "ok", "model": service.info}
 
-    @app.get("/api/model")
+    @app.head("/api/health", include_in_schema=False)  # uptime monitors ask with HEAD
+    def health_head() -> dict:
+        return health()
+
+    @app.get("/api/model", dependencies=[auth])
     def model_card() -> dict:
         return {"model": service.info, "decision": decision_fields(), "card": service.card}
 
-    @app.post("/api/predict")
+    @app.post("/api/predict", dependencies=[auth])
     async def predict(request: Request, heatmap: bool = True) -> dict:
         """Probability, decision and heatmap per uploaded PNG/JPEG slice or DICOM file."""
         prepared, result, errors = await score(request, heatmap)
         return {"model": service.info, **decision_fields(),
-                "results": [slice_json(prepared, result, k) for k in range(len(result.slices))], "errors": errors}
+                "results": [slice_json(prepared, result, k) for k in range(len(result.slices))], "errors": errors,
+                "notes": result.notes}
 
-    @app.post("/api/studies")
+    @app.post("/api/studies", dependencies=[auth])
     async def studies(request: Request, heatmap: bool = True) -> dict:
         """Study score, flag and slice ranking per uploaded study (DICOM series, or the images)."""
         prepared, result, errors = await score(request, heatmap)
@@ -246,9 +400,8 @@ def create_app(model: str | Path, backend: str = "int8", limits: Limits = Limits
         out = []
         for st in result.studies:
             members = sorted((s for s in slices if s["study"] == st.study), key=lambda s: -s["probability"])
-            out.append({**asdict(st), "decision": "hemorrhage suspected" if st.flagged else "no hemorrhage flagged",
-                        "ranking": members})
-        return {"model": service.info, **decision_fields(), "studies": out, "errors": errors}
+            out.append({**asdict(st), "decision": decision_text(st.flagged, st.outside_slices > 0), "ranking": members})
+        return {"model": service.info, **decision_fields(), "studies": out, "errors": errors, "notes": result.notes}
 
     @app.get("/model-card", response_class=HTMLResponse)
     def model_card_page() -> str:
@@ -273,5 +426,7 @@ def create_app(model: str | Path, backend: str = "int8", limits: Limits = Limits
     return app
 
 
-def serve(model: str | Path, host: str = "127.0.0.1", port: int = 8000, **kwargs) -> None:
-    uvicorn.run(create_app(model, **kwargs), host=host, port=port, log_level="warning")
+def serve(model: str | Path, host: str = "127.0.0.1", port: int = 8000, *, certfile: str | None = None,
+          keyfile: str | None = None, timeouts: Timeouts = Timeouts(), **kwargs) -> None:
+    """Serve until interrupted, with the connection timeouts and TLS of :func:`ichedge.connections.run`."""
+    run(create_app(model, **kwargs), host, port, certfile=certfile, keyfile=keyfile, timeouts=timeouts)

@@ -33,6 +33,7 @@ from ichedge.model import Weights, build_model, feature_extractor, resolve_weigh
 from ichedge.plots import plot_confusion, plot_history, plot_pr, plot_reliability, plot_roc
 from ichedge.preprocess import Loaded, Preprocessing, load_inputs, patient_groups, slice_order
 from ichedge.report import write_run_report
+from ichedge.quality import InputReference
 from ichedge.runs import RunWriter, new_folder
 from ichedge.studies import DEFAULT_AGGREGATE, study_score
 
@@ -389,6 +390,8 @@ def write_run(
     if result.context is not None:
         run.context(result.context)
     run.predictions(result.probabilities, result.labels)
+    groups = patient_groups(dataset, inputs)  # the OOD boundary is set on held-out patients' distances
+    run.reference(InputReference.fit(inputs.x[split.train], groups=None if groups is None else groups[split.train]).to_json())
     plot_history(result.history, run.plot("learning_curves"))
     hs = result.metrics["high_sensitivity"]
     plot_confusion(result.metrics["default"], run.plot("confusion_0.5"), "test, threshold 0.5")

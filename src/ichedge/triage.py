@@ -11,7 +11,7 @@ from __future__ import annotations
 import csv
 import logging
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -40,6 +40,8 @@ class SliceResult:
     flagged: bool
     heatmap: str | None = None
     network_probability: float | None = None  # the network's own output, where context re-scored it
+    ood_score: float | None = None  # input OOD score (1 = the boundary); None without a reference
+    outside: bool = False  # outside what this model was validated on: its score is not to be trusted
 
 
 @dataclass
@@ -51,6 +53,7 @@ class StudyResult:
     score: float
     flagged: bool
     top_slices: list[int] = field(default_factory=list)  # indices, most suspicious first
+    outside_slices: int = 0  # slices outside what this model was validated on
 
 
 def build_worklist(
@@ -70,7 +73,8 @@ def build_worklist(
     for study, members in by.items():
         score = study_score([s.probability for s in members], method)
         ranked = sorted(members, key=lambda s: -s.probability)
-        studies.append(StudyResult(study, len(members), score, score >= threshold, [s.index for s in ranked[:5]]))
+        studies.append(StudyResult(study, len(members), score, score >= threshold, [s.index for s in ranked[:5]],
+                                   sum(s.outside for s in members)))
     return sorted(studies, key=lambda s: (not s.flagged, -s.score, s.study))
 
 
@@ -83,9 +87,10 @@ def write_worklist(folder: Path, slices: Sequence[SliceResult], studies: Sequenc
             w.writerow({**asdict(s), "probability": f"{s.probability:.6f}"})
     with (folder / f"{WORKLIST}.csv").open("w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["rank", "study", "slices", "score", "flagged", "top_slices"])
+        w.writerow(["rank", "study", "slices", "score", "flagged", "top_slices", "outside_slices"])
         for rank, s in enumerate(studies, 1):
-            w.writerow([rank, s.study, s.slices, f"{s.score:.6f}", s.flagged, " ".join(map(str, s.top_slices))])
+            w.writerow([rank, s.study, s.slices, f"{s.score:.6f}", s.flagged, " ".join(map(str, s.top_slices)),
+                        s.outside_slices])
     doc = {**meta, "worklist": [asdict(s) for s in studies], "slices": [asdict(s) for s in slices]}
     write_json(folder / f"{WORKLIST}.json", doc)
 
@@ -110,9 +115,15 @@ class TriageResult:
 # mean something else.
 CONTEXT_STUDY_SLICES = (10, 60)
 
+OUTSIDE = "outside what this model was validated on"
+
+
+def _direct(model: Callable[[np.ndarray], np.ndarray], x: np.ndarray) -> np.ndarray:
+    return model(x)
+
 
 def triage(prepared: Prepared, predictor: Predictor, explain: str = "none", explainer: GradCAM | None = None,
-           context: bool = False) -> TriageResult:
+           context: bool = False, run: Callable = _direct) -> TriageResult:
     """Score slices, aggregate studies at the model's validated thresholds, optionally explain.
 
     With ``context`` and a model trained with slice context, each slice is re-scored from its
@@ -120,14 +131,16 @@ def triage(prepared: Prepared, predictor: Predictor, explain: str = "none", expl
     studies; the network's own output is kept in ``SliceResult.network_probability``. Off by
     default: on CT-ICH it raised slice AUC but not study AUC (docs/accuracy.md, "Input size and slice
     context"). ``explain`` is 'none', 'flagged' (heatmaps of flagged slices) or 'all'; it needs
-    ``explainer``, an :class:`ichedge.explain.GradCAM` of the model's Keras version.
+    ``explainer``, an :class:`ichedge.explain.GradCAM` of the model's Keras version. Each slice
+    gets the input OOD score of the model's reference (:mod:`ichedge.quality`) where it has one.
+    ``run(model, x)`` calls the network and the explainer (the service takes turns through it).
     """
     if explain not in EXPLAIN_CHOICES:
         raise ValueError(f"explain must be one of {EXPLAIN_CHOICES}")
     decision = predictor.decision
     if decision is None:
         raise DataError(f"{predictor.source}: no validated thresholds recorded with this model")
-    network = predictor.predict(prepared.x)
+    network = run(predictor.predict, prepared.x)
     p, slice_t, study_t, scoring = network, decision.slice_threshold, decision.study_threshold, "slice"
     notes: list[str] = []
     if context and decision.site is not None:
@@ -143,11 +156,19 @@ def triage(prepared: Prepared, predictor: Predictor, explain: str = "none", expl
         notes += [f"study {study} has {n} slice(s): slice context was fitted on whole 5 mm head CTs of about 30 "
                   "slices, so its scores here are less reliable"
                   for study, n in sorted(Counter(prepared.studies).items()) if not low <= n <= high]
+    ood = predictor.reference.score(prepared.x) if predictor.reference is not None else np.full(len(p), np.nan)
+    if predictor.reference is None:
+        notes.append("no input reference recorded with this model (trained before ichedge recorded one), so no "
+                     "slice is checked against what it was validated on")
+    elif (ood >= 1).any():
+        notes.append(f"{int((ood >= 1).sum())} slice(s) {OUTSIDE} (input OOD score >= 1): do not trust their scores")
     for note in notes:
         log.warning("%s", note)
     flagged = p >= slice_t
-    slices = [SliceResult(f, s, i, float(q), bool(fl), network_probability=float(n) if scoring != "slice" else None)
-              for f, s, i, q, fl, n in zip(prepared.files, prepared.studies, prepared.indices, p, flagged, network)]
+    slices = [SliceResult(f, s, i, float(q), bool(fl), network_probability=float(n) if scoring != "slice" else None,
+                          ood_score=None if np.isnan(o) else round(float(o), 4), outside=bool(o >= 1))
+              for f, s, i, q, fl, n, o in zip(prepared.files, prepared.studies, prepared.indices, p, flagged, network,
+                                              ood)]
     heatmaps = chosen = None
     if explain != "none":
         if explainer is None:
@@ -155,7 +176,7 @@ def triage(prepared: Prepared, predictor: Predictor, explain: str = "none", expl
         chosen = np.nonzero(flagged)[0] if explain == "flagged" else np.arange(len(p))
         heatmaps = np.zeros(prepared.x.shape[:3], np.float32)
         if len(chosen):
-            heatmaps[chosen] = explainer(prepared.x[chosen])[0]
+            heatmaps[chosen] = run(lambda batch: explainer(batch)[0], prepared.x[chosen])
     studies = build_worklist(slices, slice_t, decision.study_aggregate, study_t)
     return TriageResult(slices, studies, list(prepared.errors), scoring, slice_t, study_t, notes, heatmaps, chosen)
 

@@ -4,6 +4,19 @@
 const worklist = [];  // studies uploaded in this session
 const $ = (id) => document.getElementById(id);
 
+// A service that listens beyond this machine asks for a bearer token (ichedge token create);
+// it is kept for this tab only.
+function authHeaders() {
+  const token = sessionStorage.getItem("ichedge-token");
+  return token ? { Authorization: "Bearer " + token } : {};
+}
+
+function askForToken(message) {
+  $("token-box").hidden = false;
+  $("status").textContent = message;
+  $("token").focus();
+}
+
 function text(tag, content, cls) {
   const el = document.createElement(tag);
   el.textContent = content;
@@ -13,7 +26,12 @@ function text(tag, content, cls) {
 
 async function loadModel() {
   try {
-    const r = await fetch("/api/model");
+    const r = await fetch("/api/model", { headers: authHeaders() });
+    if (r.status === 401) {
+      $("model-info").textContent = "sign in with an access token";
+      askForToken("this service needs an access token");
+      return;
+    }
     const m = await r.json();
     $("model-info").textContent =
       `${m.model.name} · ${m.model.kind} · id ${m.model.id} · slice threshold ${m.decision.slice_threshold.toFixed(3)}`;
@@ -31,6 +49,7 @@ function renderWorklist() {
   worklist.forEach((s, i) => {
     const tr = document.createElement("tr");
     if (s.flagged) tr.className = "flagged";
+    if (s.outside_slices) tr.classList.add("outside");
     tr.append(text("td", String(i + 1)), text("td", s.study), text("td", String(s.slices)),
               text("td", s.score.toFixed(3)), text("td", s.decision));
     body.append(tr);
@@ -50,6 +69,10 @@ function card(slice) {
   div.append(text("p", slice.file, "file"));
   div.append(text("p", `probability ${slice.probability.toFixed(3)}`, "probability"));
   div.append(text("p", slice.decision, "decision"));
+  if (slice.outside) {
+    div.classList.add("outside");
+    div.append(text("p", `input OOD score ${slice.ood_score.toFixed(2)} (1 = boundary)`, "ood"));
+  }
   return div;
 }
 
@@ -64,13 +87,17 @@ async function upload(files) {
   const started = performance.now();
   let r, body;
   try {
-    r = await fetch("/api/studies", { method: "POST", body: form });
+    r = await fetch("/api/studies", { method: "POST", body: form, headers: authHeaders() });
   } catch (e) {
     $("status").textContent = "error: the service did not answer (" + e + ")";
     return;
   }
   const isJson = (r.headers.get("content-type") || "").includes("application/json");
   body = isJson ? await r.json() : { detail: `${r.status} ${r.statusText}` };
+  if (r.status === 401) {
+    askForToken("this service needs an access token: enter it, then upload again");
+    return;
+  }
   if (!r.ok) {
     const d = body.detail;
     const message = typeof d === "string" ? d : Array.isArray(d) ? d.map((x) => x.msg).join("; ") : d.message;
@@ -103,4 +130,11 @@ drop.addEventListener("drop", (e) => {
   upload([...e.dataTransfer.files]);
 });
 $("files").addEventListener("change", (e) => { upload([...e.target.files]); e.target.value = ""; });
+$("token-box").addEventListener("submit", (e) => {
+  e.preventDefault();
+  sessionStorage.setItem("ichedge-token", $("token").value.trim());
+  $("token").value = "";
+  $("token-box").hidden = true;
+  loadModel();
+});
 loadModel();
