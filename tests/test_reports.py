@@ -105,3 +105,26 @@ def test_evaluate_measures_grad_cam_against_masks_where_the_data_has_them(served
                  "--no-localisation"]) == 0
     (folder,) = (tmp_path / "off").iterdir()
     assert "localisation" not in json.loads((folder / "metrics.json").read_text())
+
+
+def test_evaluate_refuses_what_the_triage_refuses_and_counts_ood_slices(tiny_export, tmp_path, capsys):
+    other = write_manifest(tmp_path / "other", patients=6, seed=12)
+    rows = list(csv.DictReader(other.open()))
+    Image.fromarray(np.zeros((64, 64), np.uint8)).save(other.parent / rows[0]["brain"])  # a blank slice
+    noise = np.random.default_rng(0).integers(0, 256, (64, 64), dtype=np.uint8)
+    noise[:8] = 0  # not a frame-filling blob: the gate lets it through, the reference should not
+    Image.fromarray(noise).save(other.parent / rows[1]["brain"])
+    assert main(["evaluate", str(tiny_export.files["int8"]), str(other), "--runs", str(tmp_path / "runs"),
+                 "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "input check: 1 refused by the quality gate (constant image: 1)" in out
+    (folder,) = (tmp_path / "runs").iterdir()
+    m = json.loads((folder / "metrics.json").read_text())
+    check = m["input_check"]
+    assert check["refused"] == 1 and check["scored"] == len(rows) - 1 == m["default"]["n"]
+    assert any("not a usable head-CT slice: constant image" in e for e in m["skipped_images"])
+    with (folder / "predictions.csv").open() as fh:
+        scores = {r["file"]: float(r["ood_score"]) for r in csv.DictReader(fh)}
+    noisy = next(v for k, v in scores.items() if k.endswith(rows[1]["brain"]))
+    assert noisy >= 1 and check["outside"] >= 1
+    assert sorted(scores.values())[len(scores) // 2] < 1  # the typical synthetic slice is inside

@@ -295,6 +295,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(f"Grad-CAM on {loc['n_slices']} masked positive slices: pointing game "
               f"{interval(loc['summary']['pointing'])}, heatmap mass in the mask / its area "
               f"{interval(loc['summary']['mass_ratio'])} (1 = no better than an even spread)")
+    check = m["input_check"]
+    print(f"input check: {check['refused']} refused by the quality gate"
+          + (f" ({', '.join(f'{r}: {n}' for r, n in check['refused_by_reason'].items())})" if check["refused"] else "")
+          + (f"; {check['outside']} of {check['scored']} scored slices outside what the model was validated on"
+             if "outside" in check else f"; {check['ood']}"))
     if m["slices_seen_in_training"]:
         print(f"WARNING: {m['slices_seen_in_training']} slices belong to the model's training or validation patients: "
               "inflated (--unseen-only leaves them out)")

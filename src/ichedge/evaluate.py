@@ -22,6 +22,7 @@ from ichedge.data import DataError, Dataset, read_dataset
 from ichedge.evaluation import Evaluation, evaluate
 from ichedge.plots import plot_confusion, plot_pr, plot_reliability, plot_roc
 from ichedge.preprocess import Loaded, load_inputs, patient_groups, slice_order
+from ichedge.quality import REFUSED
 from ichedge.report import Report, interval, metric_rows, source_tables
 from ichedge.localisation import localise, prepared_mask
 from ichedge.runs import (
@@ -43,6 +44,8 @@ class ModelEvaluation:
     inputs: Loaded
     seen: int  # slices of the model's own training or validation patients among those scored
     banners: list[str]
+    input_check: dict  # the quality gate's refusals and the OOD flags, as the triage would give them
+    ood: np.ndarray | None = None  # each scored slice's input OOD score; None without a reference
     localisation: dict | None = None  # Grad-CAM against the masks of positive slices, where the data has masks
 
     @property
@@ -50,7 +53,7 @@ class ModelEvaluation:
         decision = self.predictor.decision
         out = {"model": str(self.model), "kind": self.predictor.kind, "dataset": self.dataset.summary(),
                "source": str(self.dataset.source), "slices_seen_in_training": self.seen,
-               "skipped_images": self.inputs.errors, "decision": decision.to_json()}
+               "skipped_images": self.inputs.errors, "decision": decision.to_json(), "input_check": self.input_check}
         if self.evaluation.notes:
             out["context_note"] = "; ".join(self.evaluation.notes)
         if self.localisation is not None:
@@ -78,7 +81,7 @@ def score_model(model: str | Path, data: str | Path | Sequence[str | Path] | Non
         banners.append(f"Could not check which patients this model was trained on ({exc}).")
     origins = ds.origins
     wanted = [i for i in range(len(ds)) if not (unseen_only and origins[i] in used)]
-    inputs = load_inputs(ds, predictor.preprocessing, wanted, progress=progress)
+    inputs = load_inputs(ds, predictor.preprocessing, wanted, progress=progress, check=True)
     if len(inputs.y) == 0:
         raise DataError(f"{ds.name}: no readable image" + (" the model has not seen" if unseen_only else ""))
     ev = evaluate(inputs.y, predictor.predict(inputs.x), decision, patient_groups(ds, inputs), slice_order(ds, inputs),
@@ -91,8 +94,35 @@ def score_model(model: str | Path, data: str | Path | Sequence[str | Path] | Non
     if not ds.has_patients:
         banners.append("No patient IDs: intervals resample images, so they are too narrow, and any near-duplicate "
                        "slices of training patients inflate the result (run `ichedge audit`).")
+    ood = predictor.reference.score(inputs.x) if predictor.reference is not None else None
+    check = input_check(inputs, ood, ds.record_sources[inputs.indices])
+    if check["refused"]:
+        banners.append(f"{check['refused']} slice(s) refused by the quality gate (not a usable head-CT slice), as "
+                       "the triage would refuse them: left out of every figure (listed under skipped_images).")
+    if check.get("outside"):
+        banners.append(f"{check['outside']} of {len(inputs.y)} slices are outside what this model was validated on "
+                       "(input OOD score >= 1): scored and counted here, flagged in triage.")
     found = _localisation(model, ds, inputs, predictor, banners) if localise_masks else None
-    return ModelEvaluation(ev, model, predictor, ds, inputs, seen, banners, found)
+    return ModelEvaluation(ev, model, predictor, ds, inputs, seen, banners, check, ood, found)
+
+
+def input_check(inputs: Loaded, ood: np.ndarray | None, sources: np.ndarray) -> dict:
+    """How many slices the gate refused (by reason) and how many scored ones are OOD, overall and per source."""
+    reasons: dict[str, int] = {}
+    for e in inputs.errors:
+        if REFUSED in e:
+            reason = e.split(REFUSED + ": ", 1)[1].split(" (")[0]
+            reasons[reason] = reasons.get(reason, 0) + 1
+    out: dict = {"refused": sum(reasons.values()), "refused_by_reason": reasons, "scored": len(inputs.y)}
+    if ood is None:
+        out["ood"] = "no input reference recorded with this model"
+        return out
+    out["outside"] = int((ood >= 1).sum())
+    names = sorted(set(sources.tolist()))
+    if len(names) > 1:
+        out["outside_by_source"] = {n: {"outside": int((ood[sources == n] >= 1).sum()), "scored": int((sources == n).sum())}
+                                    for n in names}
+    return out
 
 
 def _localisation(model: Path, ds: Dataset, inputs: Loaded, predictor: Predictor, banners: list[str]) -> dict | None:
@@ -135,10 +165,11 @@ def write_evaluation(out_root: str | Path, me: ModelEvaluation) -> Path:
         write_json(folder.tmp / METRICS, {**me.summary, **metrics}, default=str)
         with (folder.tmp / SLICE_PREDICTIONS).open("w", newline="") as fh:
             w = csv.writer(fh)
-            w.writerow(["file", "patient", "label", "probability"])
-            for i, label, prob in zip(me.inputs.indices, y, p):
+            w.writerow(["file", "patient", "label", "probability", "ood_score"])
+            ood = me.ood if me.ood is not None else np.full(len(p), np.nan)
+            for i, label, prob, o in zip(me.inputs.indices, y, p, ood):
                 r = ds.records[i]
-                w.writerow([r.path, r.patient or "", int(label), f"{prob:.6f}"])
+                w.writerow([r.path, r.patient or "", int(label), f"{prob:.6f}", "" if np.isnan(o) else f"{o:.4f}"])
         report = Report(f"Evaluation of {me.model.name} on {ds.name}", banners=me.banners)
         report.paragraph(f"{ds.summary()}. Model: {me.predictor.kind}, thresholds as validated at training "
                          f"(slice {decision.slice_threshold:.3f}; study: {decision.study_aggregate} of slices >= "

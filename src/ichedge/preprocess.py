@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from ichedge.channels import CHANNEL_MODES, NEXT, PREVIOUS, ChannelMode, channel_mode
 from ichedge.data import DICOM_KEY, DataError, Dataset, Record, read_image
 from ichedge.dicom import read_ct_slice, windowed
+from ichedge.quality import gate
 
 log = logging.getLogger(__name__)
 
@@ -96,17 +97,27 @@ def prepare_slice(windows: dict[str, np.ndarray], pre: Preprocessing) -> np.ndar
 
 def record_windows(record: Record, names: tuple[str, ...]) -> dict[str, np.ndarray]:
     """The named window images of a record: from its window images, or computed from its DICOM."""
+    return _record_pixels(record, names)[0]
+
+
+def _record_pixels(record: Record, names: tuple[str, ...]) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+    """The named windows of a record, and its HU where it is a DICOM slice."""
     if DICOM_KEY in record.images:
-        return windowed(read_ct_slice(record.images[DICOM_KEY]).hu, names)
+        hu = read_ct_slice(record.images[DICOM_KEY]).hu
+        return windowed(hu, names), hu
     missing = [w for w in names if w not in record.images]
     if missing:
         raise DataError(f"{record.path}: no {'/'.join(missing)} image (a DICOM source gives every window)")
-    return {w: read_image(record.images[w]) for w in names}
+    return {w: read_image(record.images[w]) for w in names}, None
 
 
-def load_record(record: Record, pre: Preprocessing, neighbours: tuple[Record, Record] | None = None) -> np.ndarray:
-    """One record as model input; 2.5d mode also needs the records of the slices around it."""
-    windows = record_windows(record, pre.windows)
+def load_record(record: Record, pre: Preprocessing, neighbours: tuple[Record, Record] | None = None,
+                check: bool = False) -> np.ndarray:
+    """One record as model input; 2.5d mode also needs the records of the slices around it.
+    ``check`` puts it through the quality gate first (:func:`ichedge.quality.gate`)."""
+    windows, hu = _record_pixels(record, pre.windows)
+    if check:
+        gate(str(record.path), windows, hu)
     if "neighbours" in pre.mode.needs:
         if neighbours is None:
             raise DataError(f"{record.path}: channel mode {pre.channels} needs the neighbouring slices")
@@ -148,14 +159,19 @@ class Loaded:
     errors: list[str]
 
 
-def load_inputs(ds: Dataset, pre: Preprocessing, indices: Sequence[int] | None = None, progress: bool = False) -> Loaded:
-    """Load and preprocess records; an unreadable image is reported and skipped, never fatal."""
+def load_inputs(ds: Dataset, pre: Preprocessing, indices: Sequence[int] | None = None, progress: bool = False,
+                check: bool = False) -> Loaded:
+    """Load and preprocess records; an unreadable image is reported and skipped, never fatal.
+
+    ``check`` refuses what the quality gate refuses, as the triage does (evaluation); training
+    takes its labelled data as given.
+    """
     idx = range(len(ds)) if indices is None else indices
     around = neighbour_records(ds, pre.channels) if "neighbours" in pre.mode.needs else None
     xs, kept, errors = [], [], []
     for i in tqdm(idx, desc="loading images", disable=not progress, leave=False):
         try:
-            xs.append(load_record(ds.records[i], pre, around[i] if around else None))
+            xs.append(load_record(ds.records[i], pre, around[i] if around else None, check))
             kept.append(i)
         except DataError as exc:
             errors.append(str(exc))

@@ -24,6 +24,7 @@ from sklearn.model_selection import GroupKFold, KFold
 from ichedge.data import DataError
 
 REFERENCE_VERSION = 1
+REFUSED = "not a usable head-CT slice"  # what every gate message says, before its reason
 
 MIN_SIDE = 64
 MAX_ASPECT = 2.0
@@ -70,7 +71,7 @@ def gate(name: str, windows: dict[str, np.ndarray], hu: np.ndarray | None = None
     """Raise :class:`UnusableSlice` naming ``name`` and the reason if the slice cannot be scored."""
     reason = check_slice(windows, hu)
     if reason is not None:
-        raise UnusableSlice(f"{name}: not a usable head-CT slice: {reason}")
+        raise UnusableSlice(f"{name}: {REFUSED}: {reason}")
 
 
 def _hu_reason(hu: np.ndarray) -> str | None:
