@@ -9,9 +9,12 @@ p50/p95/max latency and the error count. A benchmark, not a test: numbers depend
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -37,8 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     port = free_port()
+    home = tempfile.mkdtemp(prefix="ichedge-load-")  # no tokens; the audit log is written, as in use, but here
     server = subprocess.Popen([sys.executable, "-m", "ichedge.cli", "serve", "--model", str(args.run), "--port", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "ICHEDGE_HOME": home})
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 120
@@ -93,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         server.terminate()
         server.wait(30)
+        shutil.rmtree(home, ignore_errors=True)
     return 0
 
 

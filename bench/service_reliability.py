@@ -175,6 +175,9 @@ def raw(server: Server, head: bytes, body_chunks: list[bytes], pause: float, lim
     return f"{status} after {time.perf_counter() - start:.1f} s"
 
 
+PART = b'--xyz\r\nContent-Disposition: form-data; name="files"; filename="a.png"\r\n\r\n'  # then slow bytes
+
+
 def multipart_head(server: Server, length: int) -> bytes:
     return (f"POST /api/predict HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\nAuthorization: Bearer {server.token}\r\n"
             f"Content-Type: multipart/form-data; boundary=xyz\r\nContent-Length: {length}\r\n\r\n").encode()
@@ -189,7 +192,8 @@ def concurrently(calls: list[Callable[[], str]]) -> str:
         t.join()
     counts: dict[str, int] = {}
     for r in results:
-        counts[r.split(" ", 1)[0]] = counts.get(r.split(" ", 1)[0], 0) + 1
+        key = r.split(" after ")[0] if r.startswith("HTTP/") else r.split(" ", 1)[0]
+        counts[key] = counts.get(key, 0) + 1
     return ", ".join(f"{n}x {status}" for status, n in sorted(counts.items()))
 
 
@@ -225,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
                                    for _ in range(4)])),
             ("Content-Length 1000, 10 bytes sent", "408 within body timeout",
              lambda: raw(server, multipart_head(server, 1000), [b"--xyz\r\n123"], 0.0)),
-            ("body at 1 byte/s", "dropped", lambda: raw(server, multipart_head(server, 500), [b"x"] * 500, 1.0)),
+            ("body at 1 byte/s", "408 within body timeout",
+             lambda: raw(server, multipart_head(server, 500), [PART] + [b"x"] * 400, 1.0)),
             ("a header line per second", "closed within header timeout",
              lambda: raw(server, b"GET /api/health HTTP/1.1\r\n", [b"X-a: b\r\n"] * 90, 1.0)),
             ("idle socket", "closed within header timeout", lambda: raw(server, b"", [], 0.0)),
@@ -259,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
             worker.join()
             return f"{small.status_code}: one slice answered in {waited:.2f} s during a 64-slice heatmap request"
 
+        server.measure(lambda: summary(post(server, one, heatmap=True)))  # Grad-CAM traces on its first call
         alone = server.measure(lambda: summary(post(server, one, heatmap=True)))[2]
         cases.append(("one slice behind 64 slices with heatmaps", f"near alone ({alone:.2f} s)", fairness))
         rows = []

@@ -164,9 +164,11 @@ def _check_inflation(path: Path, fp, limits: DecodeLimits) -> bool:
         return True
     inflater, size = zlib.decompressobj(-zlib.MAX_WBITS), 0
     while chunk := fp.read(1 << 20):
-        size += len(inflater.decompress(chunk, limits.max_inflated_bytes + 1 - size))
-        if size > limits.max_inflated_bytes or inflater.unconsumed_tail:
-            raise DicomError(f"{path}: Deflated data inflates beyond {limits.max_inflated_bytes // 2**20} MiB")
+        while chunk:  # at most 1 MiB inflated at a time, counted and dropped
+            size += len(inflater.decompress(chunk, 1 << 20))
+            if size > limits.max_inflated_bytes:
+                raise DicomError(f"{path}: Deflated data inflates beyond {limits.max_inflated_bytes // 2**20} MiB")
+            chunk = inflater.unconsumed_tail
     return True
 
 
