@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from ichedge.access import (CSP, AuditLog, SameOrigin, SecurityHeaders, TokenStore, allowed_hosts, audit_file,
-                            bearer_auth, check_exposure, default_home, study_hash, tokens_file)
+                            bearer_auth, check_exposure, default_home, deid_key, study_hash, tokens_file)
 
 
 def mode(path) -> int:
@@ -239,3 +239,13 @@ def test_check_exposure(caplog):
     with caplog.at_level(logging.WARNING, logger="ichedge.access"):
         check_exposure("10.1.2.3", tls=False, auth=False, force=True)
     assert "no TLS" in caplog.text and "no tokens" in caplog.text
+
+
+def test_the_deidentification_key_is_made_once_private_and_kept(tmp_path):
+    path = tmp_path / "home" / "deid.key"
+    key = deid_key(path)
+    assert len(key) == 32 and deid_key(path) == key
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    path.write_bytes(b"short")
+    with pytest.raises(ValueError, match="5 bytes"):
+        deid_key(path)

@@ -223,6 +223,18 @@ def test_dicom_uids_are_stable_without_process_state(series):
     assert fresh.stdout.decode().strip() == hashlib.sha256(out).hexdigest()
 
 
+def test_a_key_makes_uids_unlinkable_without_it_and_still_grouping(series):
+    (first, _), (second, _) = series
+    key, other = bytes(range(32)), bytes(range(1, 33))
+    a, b = (pydicom.dcmread(io.BytesIO(deidentify_dicom(d, key))) for d in (first, second))
+    assert a.SeriesInstanceUID == b.SeriesInstanceUID  # a series still groups
+    unkeyed = pydicom.dcmread(io.BytesIO(deidentify_dicom(first)))
+    elsewhere = pydicom.dcmread(io.BytesIO(deidentify_dicom(first, other)))
+    assert len({a.SeriesInstanceUID, unkeyed.SeriesInstanceUID, elsewhere.SeriesInstanceUID}) == 3
+    assert deidentify_dicom(first, key) == deidentify_dicom(first, key)
+    assert "keyed hash (HMAC)" in " ".join(a.DeidentificationMethod)
+
+
 def test_dicom_refuses_burned_in_annotation(series):
     ds = pydicom.dcmread(io.BytesIO(series[0][0]))
     ds.BurnedInAnnotation = "YES"

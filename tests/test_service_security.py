@@ -7,6 +7,7 @@ import threading
 
 import httpx
 import numpy as np
+import pydicom
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image, PngImagePlugin
@@ -121,7 +122,8 @@ def test_tokens_are_required_once_configured_and_requests_are_audited(served_run
 
 def test_nothing_identifying_survives_anywhere_the_service_writes(served_run, tmp_path, caplog, capsys):
     keep, audit = tmp_path / "kept", tmp_path / "requests.jsonl"
-    c = TestClient(create_app(served_run, keep_uploads=keep, access=Access(audit=audit)), base_url=LOCAL)
+    access = Access(audit=audit, deid_key=tmp_path / "home" / "deid.key")
+    c = TestClient(create_app(served_run, keep_uploads=keep, access=access), base_url=LOCAL)
     rng = np.random.default_rng(0)
     dicom, _ = write_slice(tmp_path / "s1.dcm", rng, 0.0, 1, "1.2.826.0.1.3680043.8.498.91",
                            referenced="1.2.826.0.1.3680043.8.498.92")
@@ -136,6 +138,8 @@ def test_nothing_identifying_survives_anywhere_the_service_writes(served_run, tm
     assert MARKER not in r.text and all(secret not in r.text for secret in PHI.values())
     written = [p.read_bytes() for p in keep.iterdir()] + [audit.read_bytes()]
     assert all(MARKER.encode() not in data for data in written)
+    (kept,) = keep.glob("*.dcm")
+    assert "keyed hash (HMAC)" in " ".join(pydicom.dcmread(kept).DeidentificationMethod)
     out = capsys.readouterr()
     assert MARKER not in caplog.text + out.out + out.err
 

@@ -9,8 +9,8 @@ TrustedHostMiddleware with :func:`allowed_hosts`). :class:`SecurityHeaders` keep
 running injected scripts or being framed. :class:`AuditLog` records who scored what, by content
 hash and counts only, never names, IDs or pixels.
 
-Files live under :func:`default_home`: ``tokens.json`` and ``audit/requests.jsonl`` (rotated daily
-to ``requests.jsonl.YYYY-MM-DD``), all mode 0600 in a 0700 folder.
+Files live under :func:`default_home`: ``tokens.json``, ``audit/requests.jsonl`` (rotated daily
+to ``requests.jsonl.YYYY-MM-DD``) and ``deid.key`` (:func:`deid_key`), all mode 0600 in a 0700 folder.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 TOKENS_FILE = "tokens.json"
 AUDIT_FILE = Path("audit", "requests.jsonl")
+DEID_KEY_FILE = "deid.key"
 TOKEN_NAME = re.compile(r"[A-Za-z0-9_.@-]{1,64}")
 STUDY_HASH = re.compile(r"[0-9a-f]{8,64}")
 
@@ -58,6 +59,32 @@ def tokens_file(home: Path | None = None) -> Path:
 
 def audit_file(home: Path | None = None) -> Path:
     return (home or default_home()) / AUDIT_FILE
+
+
+def deid_key_file(home: Path | None = None) -> Path:
+    return (home or default_home()) / DEID_KEY_FILE
+
+
+def deid_key(path: str | Path) -> bytes:
+    """The secret that keys the UIDs of de-identified kept files; made once (32 random bytes, 0600).
+
+    Kept files from before and after a restart must still group by series, so it persists; whoever
+    lacks it cannot map an original UID to its replacement.
+    """
+    path = Path(path)
+    _private_folder(path.parent)
+    try:
+        handle = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        key = path.read_bytes()
+        if len(key) < 32:
+            raise ValueError(f"{path}: a de-identification key of {len(key)} bytes; 32 expected") from None
+        return key
+    with os.fdopen(handle, "wb") as fh:
+        fh.write(secrets.token_bytes(32))
+        fh.flush()
+        os.fsync(fh.fileno())
+    return path.read_bytes()
 
 
 def _now() -> str:

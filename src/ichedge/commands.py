@@ -12,7 +12,7 @@ from pathlib import Path
 
 import keras
 
-from ichedge.access import TokenStore, allowed_hosts, audit_file, check_exposure, tokens_file
+from ichedge.access import TokenStore, allowed_hosts, audit_file, check_exposure, deid_key_file, tokens_file
 from ichedge.acceptance import DEFAULT_CONFIDENCE, DEFAULT_SENSITIVITY, DEFAULT_SITE, calibrate_site, format_calibration
 from ichedge.audit import DEFAULT_MAX_DISTANCE, audit, group_by_clusters, run_audit
 from ichedge.channels import CHANNEL_MODES
@@ -231,7 +231,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     check_exposure(args.host, tls=args.certfile is not None, auth=auth, force=args.insecure_expose)
     limits = Limits(max_files=args.max_files, max_file_bytes=int(args.max_file_mb * MIB))
     access = Access(tokens=args.tokens if auth else None, audit=None if args.no_audit else args.audit,
-                    allowed_hosts=tuple(allowed_hosts(args.host, args.allowed_host)), tls=args.certfile is not None)
+                    allowed_hosts=tuple(allowed_hosts(args.host, args.allowed_host)), tls=args.certfile is not None,
+                    deid_key=deid_key_file())
     scheme = "https" if args.certfile else "http"
     print(f"ichedge triage on {scheme}://{args.host}:{args.port}/ (Ctrl-C stops it); "
           + (f"bearer tokens from {args.tokens}" if auth else "no tokens (loopback only)")

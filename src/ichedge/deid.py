@@ -17,8 +17,10 @@ What the Basic Profile, and so this module, does not cover:
   Option, defacing, is not done);
 - identifying text where the standard does not expect it: attributes the table does not list are
   kept as they are;
-- linkage: the replacement UIDs are an unkeyed hash, so whoever holds an original UID can find the
-  kept file made from it; dates become the dummy 00010101 (no longitudinal information is kept).
+- linkage: without a key the replacement UIDs are an unkeyed hash, so whoever holds an original UID
+  can find the kept file made from it; with ``key`` (the service keeps one in its home folder, see
+  :func:`ichedge.access.deid_key`) they are an HMAC of it, which only the key's holder can
+  recompute. Dates become the dummy 00010101 (no longitudinal information is kept).
 
 PNG and JPEG carry no standard identifying fields, but text chunks, comments, EXIF and ICC
 profiles can hold anything: they are re-encoded as PNG from their decoded pixels alone. Their
@@ -27,10 +29,13 @@ pixels are no safer than DICOM ones.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import io
 import logging
 import warnings
 from collections.abc import Callable
+from contextvars import ContextVar
 from functools import cache
 from importlib.metadata import version
 
@@ -45,12 +50,13 @@ class DeidentificationError(ValueError):
     """A file that cannot be de-identified; the message says why and never quotes its contents."""
 
 
-def deidentify_dicom(data: bytes) -> bytes:
+def deidentify_dicom(data: bytes, key: bytes | None = None) -> bytes:
     """A copy of a DICOM file de-identified to the Basic Profile (see the module docstring).
 
     Pixel data, and everything the table does not list (RescaleSlope/Intercept among them), are
-    unchanged. The same input always gives the same output. Raises DeidentificationError for a file
-    that is not DICOM, cannot be processed, or declares burned-in annotation.
+    unchanged. The same input (and ``key``) always gives the same output; ``key`` makes the
+    replacement UIDs an HMAC of the originals. Raises DeidentificationError for a file that is not
+    DICOM, cannot be processed, or declares burned-in annotation.
     """
     import pydicom
     from pydicom.errors import InvalidDicomError
@@ -69,8 +75,12 @@ def deidentify_dicom(data: bytes) -> bytes:
                 raise DeidentificationError(
                     "BurnedInAnnotation is YES: the Basic Profile then requires the Clean Pixel Data "
                     "Option, which is not done here")
-            _clean(ds)
-            _declare(ds)
+            token = _KEY.set(key)
+            try:
+                _clean(ds)
+            finally:
+                _KEY.reset(token)
+            _declare(ds, keyed=key is not None)
             out = io.BytesIO()
             ds.save_as(out, enforce_file_format=True)
         except DeidentificationError:
@@ -112,15 +122,21 @@ def strip_image_metadata(data: bytes, max_pixels: int = MAX_PIXELS) -> bytes:
     return out.getvalue()
 
 
-def _new_uid(uid: object) -> str:
-    """The replacement of a UID: derived from it alone, so stable across calls and restarts.
+# The key of the call in progress: the table's actions are called by dicom-anonymizer with
+# (dataset, tag) only, and concurrent requests each have their own context.
+_KEY: ContextVar[bytes | None] = ContextVar("deid_key", default=None)
 
-    The same derivation as ichedge's earlier de-identification, so files kept before still group
-    with files kept now.
+
+def _new_uid(uid: object) -> str:
+    """The replacement of a UID: derived from it (and the key) alone, so stable across calls and restarts.
+
+    Without a key, the same derivation as ichedge's earlier de-identification.
     """
     from pydicom.uid import generate_uid
 
-    return generate_uid(entropy_srcs=[str(uid)])
+    key = _KEY.get()
+    source = str(uid) if key is None else hmac.new(key, str(uid).encode(), hashlib.sha256).hexdigest()
+    return generate_uid(entropy_srcs=[source])
 
 
 def _clean(ds) -> None:
@@ -149,7 +165,7 @@ def _clean_items(ds) -> None:
                 _clean_items(item)
 
 
-def _declare(ds) -> None:
+def _declare(ds, keyed: bool) -> None:
     """Say what was done (PS3.15 E.1.1), zero the preamble, and rebuild the File Meta Information."""
     from pydicom.dataset import Dataset, FileMetaDataset
 
@@ -158,7 +174,7 @@ def _declare(ds) -> None:
     ds.DeidentificationMethod = [  # LO: 64 characters a value at most
         "DICOM PS3.15 Basic Application Level Confidentiality Profile",
         f"dicom-anonymizer {version('dicom-anonymizer')}, Table E.1-1 of DICOM {TABLE_EDITION}",
-        "UIDs replaced by UIDs derived from a hash of the original",
+        "UIDs replaced by UIDs derived from a " + ("keyed hash (HMAC)" if keyed else "hash") + " of the original",
         "private attributes removed; pixel data not cleaned",
     ]
     code = Dataset()

@@ -45,7 +45,9 @@ from starlette.formparsers import MultiPartParser
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from ichedge import __version__
-from ichedge.access import AuditLog, SameOrigin, SecurityHeaders, TokenStore, allowed_hosts, bearer_auth, study_hash
+from ichedge.access import (
+    AuditLog, SameOrigin, SecurityHeaders, TokenStore, allowed_hosts, bearer_auth, deid_key, study_hash,
+)
 from ichedge.connections import Timeouts, run
 from ichedge.data import CT_ICH_CREDIT, DataError, DecodeLimits
 from ichedge.deid import DeidentificationError, deidentify_dicom, strip_image_metadata
@@ -84,6 +86,7 @@ class Access:
 
     tokens: Path | None = None  # bearer tokens required when set (ichedge token create)
     audit: Path | None = None  # the audit log; None keeps none
+    deid_key: Path | None = None  # keys the UIDs of kept DICOM (ichedge.access.deid_key); None: unkeyed hash
     allowed_hosts: tuple[str, ...] = tuple(allowed_hosts("127.0.0.1"))
     tls: bool = False
 
@@ -192,7 +195,8 @@ class TriageService:
     """The model, its explainer and the limits; inference in turns (LiteRT is not thread-safe)."""
 
     def __init__(self, model: str | Path, backend: str = "int8", limits: Limits = Limits(),
-                 keep_uploads: Path | None = None, explain: bool = True, site: str | None = None) -> None:
+                 keep_uploads: Path | None = None, explain: bool = True, site: str | None = None,
+                 deid_key: bytes | None = None) -> None:
         self.source = resolve_model(model, backend)
         self.predictor = Predictor.load(self.source, site=site)
         if self.predictor.decision is None:
@@ -208,6 +212,7 @@ class TriageService:
                      "heatmaps": self.explainer is not None}
         self.limits = limits
         self.keep_uploads = keep_uploads
+        self.deid_key = deid_key
         self.turns = Turns(limits.turn)
 
     def run(self, sources: list[Source], study_name: str, heatmaps: bool) -> tuple[Prepared, TriageResult]:
@@ -236,7 +241,7 @@ class TriageService:
             try:
                 is_dicom = file_kind(src.data) == "dicom"
                 if is_dicom:
-                    data = deidentify_dicom(src.data)
+                    data = deidentify_dicom(src.data, self.deid_key)
                 else:
                     data = strip_image_metadata(src.data, self.limits.decode.max_pixels)
                 target = self.keep_uploads / (hashlib.sha256(src.data).hexdigest()[:20] + (".dcm" if is_dicom else ".png"))
@@ -308,7 +313,8 @@ def create_app(model: str | Path, backend: str = "int8", limits: Limits = Limits
                keep_uploads: Path | None = None, explain: bool = True, site: str | None = None,
                access: Access = Access()) -> FastAPI:
     """The FastAPI app serving ``model`` (a run folder, .tflite or .keras), at ``site``'s thresholds if given."""
-    service = TriageService(model, backend, limits, keep_uploads, explain, site)
+    key = deid_key(access.deid_key) if keep_uploads is not None and access.deid_key is not None else None
+    service = TriageService(model, backend, limits, keep_uploads, explain, site, key)
     auth = Depends(bearer_auth(TokenStore(access.tokens) if access.tokens is not None else None))
     audit = AuditLog(access.audit) if access.audit is not None else None
     # Starlette spools uploads over 1 MiB to a temporary file; within the request limit they stay in memory.
