@@ -97,8 +97,7 @@ class Predictor(ABC):
             if runtime.suffix == suffix:
                 predictor = runtime.open(path, num_threads, reference_kernels)
                 if predictor.reference is None and (run := RunFolder.of_model(path)) is not None:
-                    saved = run.input_reference()
-                    predictor.reference = InputReference.from_json(saved) if saved else None
+                    predictor.reference = _reference(run.input_reference(), path)
                 if site is not None:
                     predictor.use_site(site)
                 return predictor
@@ -113,6 +112,17 @@ class Predictor(ABC):
         if self.decision is None:
             raise DataError(f"{self.source}: no validated thresholds recorded with this model")
         self.decision = self.decision.with_site(run.site_profile(site), self.runtime, sha256(self.source))
+
+
+def _reference(saved: dict | None, source: Path) -> InputReference | None:
+    """A model's input reference; one this ichedge cannot read costs the OOD score, not the model."""
+    if not saved:
+        return None
+    try:
+        return InputReference.from_json(saved)
+    except DataError as exc:
+        log.warning("%s: input reference unusable (%s); no OOD score for this model", source, exc)
+        return None
 
 
 RUNTIMES: Registry[type[Predictor]] = Registry("runtime")
@@ -157,8 +167,7 @@ class LiteRTPredictor(Predictor):
         card = ExportFolder.of_model(path).card()
         predictor = cls(path, Preprocessing.from_json(card["preprocessing"]), num_threads, reference_kernels)
         predictor.decision = Decision.from_thresholds(card["thresholds"], predictor.runtime)
-        if card.get("input_reference"):
-            predictor.reference = InputReference.from_json(card["input_reference"])
+        predictor.reference = _reference(card.get("input_reference"), path)
         return predictor
 
     def __init__(
