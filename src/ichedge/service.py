@@ -41,6 +41,7 @@ from fastapi.staticfiles import StaticFiles
 from PIL import Image
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
+from starlette.requests import ClientDisconnect
 from starlette.formparsers import MultiPartParser
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
@@ -244,7 +245,8 @@ class TriageService:
                     data = deidentify_dicom(src.data, self.deid_key)
                 else:
                     data = strip_image_metadata(src.data, self.limits.decode.max_pixels)
-                target = self.keep_uploads / (hashlib.sha256(src.data).hexdigest()[:20] + (".dcm" if is_dicom else ".png"))
+                name = hashlib.sha256(src.data).hexdigest()[:20] + (".dcm" if is_dicom else ".png")
+                target = self.keep_uploads / name
                 handle, tmp = tempfile.mkstemp(dir=self.keep_uploads, suffix=".part")
                 with os.fdopen(handle, "wb") as fh:
                     fh.write(data)
@@ -361,6 +363,9 @@ def create_app(model: str | Path, backend: str = "int8", limits: Limits = Limits
             return prepared, result, errors
         except HTTPException as exc:
             record["status"] = exc.status_code
+            raise
+        except ClientDisconnect:
+            record["status"] = 499  # nginx's "client closed request": no answer was sent
             raise
         finally:
             if audit is not None:
