@@ -17,7 +17,7 @@ Printed as markdown, per input size (96, 160, 224) and class: items, share refus
 gate, share flagged by the OOD score (of all items), share passed (of all, and of those the
 gate let through), the median and 99th-percentile score of the gated-in items and the gate's
 reasons; then the junk items that were scored as usable. PHE-SICH is read from its folder,
-never copied (non-commercial licence). About 4.5 minutes on 2 cores.
+never copied (non-commercial licence). About 9 minutes on 2 shared cores.
 
     python bench/quality_gate.py [--ct-ich CT_ICH] [--phe PHE_SICH] [--sizes 96 160 224] [--seed 2]
 """

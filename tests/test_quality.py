@@ -86,7 +86,7 @@ def test_features_hardly_depend_on_input_size():
     rng = np.random.default_rng(1)
     images = [synthetic_slice(rng, k % 2 == 0, 128) for k in range(6)]
     small, large = input_features(prepared(images, 64)), input_features(prepared(images, 224))
-    assert small.shape == large.shape == (6, 20)
+    assert small.shape == large.shape == (6, 21)
     assert np.abs(small - large).max() < 0.03
 
 
@@ -134,6 +134,6 @@ def test_json_round_trip_keeps_every_score(reference):
     again = InputReference.from_json(json.loads(json.dumps(reference.to_json())))
     assert np.array_equal(again.score(x), reference.score(x))
     d = reference.to_json()
-    assert d["version"] == 1 and d["n_train"] == 200 and all(isinstance(v, float) for v in d["mean"])
+    assert d["version"] == 2 and d["n_train"] == 200 and all(isinstance(v, float) for v in d["mean"])
     with pytest.raises(DataError, match="version"):
         InputReference.from_json({**d, "version": 99})

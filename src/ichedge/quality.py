@@ -23,7 +23,7 @@ from sklearn.model_selection import GroupKFold, KFold
 
 from ichedge.data import DataError
 
-REFERENCE_VERSION = 1
+REFERENCE_VERSION = 2
 REFUSED = "not a usable head-CT slice"  # what every gate message says, before its reason
 
 MIN_SIDE = 64
@@ -127,13 +127,21 @@ BONE = 0.9  # brain-window brightness of bone (the window saturates at 80 HU)
 SECTORS = 16
 OUTLINE_BINS = 32
 SCALE_FLOOR = 0.01
-STRAIGHT_TURN = np.radians(10)
-N_FEATURES = 20
+# Cuts: the outline is traced (sub-pixel) at this many pixels a side; a support line of the head
+# in each of CUT_DIRECTIONS directions counts the outline within CUT_BAND pixels of it.
+CUT_SIDE = 128
+CUT_DIRECTIONS = 360
+CUT_BAND = 1.0
+CUT_APART = 45  # degrees between the longest cut and the second one
+N_FEATURES = 21
 _YY, _XX = np.mgrid[:FEATURE_SIDE, :FEATURE_SIDE]
+_CUT_ANGLES = np.radians(np.arange(CUT_DIRECTIONS) * 360.0 / CUT_DIRECTIONS)
+_NORMALS = np.stack([np.cos(_CUT_ANGLES), np.sin(_CUT_ANGLES)])
+_ALONG = np.stack([-np.sin(_CUT_ANGLES), np.cos(_CUT_ANGLES)])
 
 
 def input_features(x: np.ndarray) -> np.ndarray:
-    """Rotation-invariant statistics of prepared inputs (N, S, S, 3) uint8 -> (N, 20) float.
+    """Rotation-invariant statistics of prepared inputs (N, S, S, 3) uint8 -> (N, 21) float.
 
     Computed on the channel mean at 64x64 whatever S is, around the head (the largest bright
     region, as head_box finds it) and scaled by its size, so that a turned head, another field
@@ -142,8 +150,8 @@ def input_features(x: np.ndarray) -> np.ndarray:
     solidity, elongation, bright pieces beside it and contact with the frame edge; edge
     strength; the shares of bone and of soft tissue in the head; the share of directions from
     its centre that meet bone; how elliptic its outline is (overlap with its moment ellipse,
-    and the outline's high harmonics); and the longest straight edge the head fills, which
-    is what a crop leaves.
+    and the outline's high harmonics); and the two longest straight stretches of its outline,
+    which is what a crop leaves (a quadrant two, at a right angle, at whatever turn).
     """
     x = np.asarray(x)
     if x.ndim != 4 or x.shape[-1] != 3:
@@ -157,7 +165,7 @@ def _features(image: np.ndarray) -> list[float]:
     mask = g > HEAD_THRESHOLD
     labels, n = ndimage.label(mask)
     if n == 0 or mask.sum() < 3:
-        return [float(g.mean())] * 7 + [float(mask.mean()), 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 1.0]
+        return [float(g.mean())] * 7 + [float(mask.mean()), 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0]
     head = labels == 1 + int(np.argmax(ndimage.sum(mask, labels, index=np.arange(1, n + 1))))
     filled = ndimage.binary_fill_holes(head)
     area = float(head.sum())
@@ -170,7 +178,7 @@ def _features(image: np.ndarray) -> list[float]:
     cov = np.cov(np.stack([_YY[filled], _XX[filled]]))
     low, high = np.linalg.eigvalsh(cov)
     elongation = 1 - np.sqrt(max(low, 0.0) / high) if high > 0 else 1.0
-    hull_area, straight = _hull(filled)
+    hull_area = _hull_area(filled)
     border = np.concatenate([mask[0], mask[-1], mask[:, 0], mask[:, -1]]).mean()
     shape = [area / g.size, area / hull_area, elongation, float(mask.sum() - area) / float(mask.sum()), float(border)]
 
@@ -184,41 +192,66 @@ def _features(image: np.ndarray) -> list[float]:
     offsets = np.stack([_YY - cy, _XX - cx], axis=-1)
     ellipse = np.einsum("...i,ij,...j->...", offsets, np.linalg.pinv(cov), offsets) <= 4  # a uniform ellipse's extent
     overlap = float((ellipse & filled).sum() / (ellipse | filled).sum())
-    return [*profile, *shape, *tissue, overlap, _outline_roughness(filled, cy, cx), straight]
+    return [*profile, *shape, *tissue, overlap, _outline_roughness(filled, cy, cx), *_cuts(image)]
 
 
-def _hull(mask: np.ndarray) -> tuple[float, float]:
-    """Area of the mask's convex hull, and the longest straight stretch of the hull that the mask
-    fills (a cut), as a share of the hull's perimeter. A head's outline curves everywhere.
-
-    A digitised straight edge at a slant has a hull of several short edges, so consecutive edges
-    turning less than STRAIGHT_TURN from the stretch's first one count as one.
-    """
+def _hull_area(mask: np.ndarray) -> float:
+    """Area of the mask's convex hull (of its pixels' corners)."""
     rows, cols = np.nonzero(mask ^ ndimage.binary_erosion(mask))
     corners = np.concatenate([np.stack([rows + dy, cols + dx], 1) for dy in (0, 1) for dx in (0, 1)]).astype(float)
     try:
-        hull = ConvexHull(corners)
+        return float(ConvexHull(corners).volume)
     except QhullError:
-        return max(float(mask.sum()), 1.0), 1.0
-    vertices = corners[hull.vertices]
-    centre = vertices.mean(axis=0)
-    along = np.linspace(0.1, 0.9, 9)[:, None]
-    edges = []  # (length, direction, whether the mask fills it)
-    for a, b in zip(vertices, np.roll(vertices, -1, axis=0)):
-        inward = centre - (a + b) / 2
-        probe = np.floor(a + along * (b - a) + 1.5 * inward / max(np.hypot(*inward), 1e-9)).astype(int)
-        probe = np.clip(probe, 0, np.array(mask.shape) - 1)
-        filled = mask[probe[:, 0], probe[:, 1]].mean() >= 0.9
-        edges.append((float(np.hypot(*(b - a))), float(np.arctan2(*(b - a))), filled))
-    longest = 0.0
-    for i, (_, first, _) in enumerate(edges):
-        stretch = 0.0
-        for length, direction, filled in edges[i:] + edges[:i]:
-            if not filled or abs((direction - first + np.pi) % (2 * np.pi) - np.pi) > STRAIGHT_TURN:
-                break
-            stretch += length
-        longest = max(longest, stretch)
-    return float(hull.volume), longest / sum(e[0] for e in edges)
+        return max(float(mask.sum()), 1.0)
+
+
+def _cuts(image: np.ndarray) -> list[float]:
+    """The longest and the second longest straight stretch of the head's outline (the second at
+    least CUT_APART degrees from the first), in units of the head's equivalent diameter.
+
+    A stretch is the length of a support line of the head (a tangent it lies wholly on one side
+    of) that its outline covers, within CUT_BAND pixels: a curved outline touches its tangents
+    over a short chord, a cut follows one over its whole length, at any angle. Covered length
+    (not the span of the touching points) leaves out a tangent touching two bumps; the outline
+    is traced to a fraction of a pixel (where the image crosses the head threshold) so that a
+    slanted cut is not a staircase.
+    """
+    g = image.astype(np.float32).mean(axis=-1) / 255.0
+    g = np.asarray(Image.fromarray(g, mode="F").resize((CUT_SIDE, CUT_SIDE), Image.Resampling.BILINEAR))
+    mask = g > HEAD_THRESHOLD
+    labels, n = ndimage.label(mask)
+    if n == 0:
+        return [1.0, 1.0]
+    head = ndimage.binary_fill_holes(labels == 1 + int(np.argmax(ndimage.sum(mask, labels, index=np.arange(1, n + 1)))))
+    points = _outline_points(g, head)
+    projection = points @ _NORMALS
+    near = projection >= projection.max(axis=0) - CUT_BAND
+    along = np.floor(points @ _ALONG)  # one-pixel bins along each support line
+    covered = np.array([len(np.unique(along[near[:, k], k])) for k in range(CUT_DIRECTIONS)], np.float64)
+    covered /= 2 * np.sqrt(head.sum() / np.pi)
+    first = int(np.argmax(covered))
+    apart = np.abs((np.arange(CUT_DIRECTIONS) - first + CUT_DIRECTIONS / 2) % CUT_DIRECTIONS - CUT_DIRECTIONS / 2)
+    apart = apart * 360.0 / CUT_DIRECTIONS > CUT_APART
+    return [float(covered[first]), float(covered[apart].max())]
+
+
+def _outline_points(g: np.ndarray, region: np.ndarray) -> np.ndarray:
+    """(P, 2) sub-pixel points of the region's outline: between each region pixel and a 4-neighbour
+    outside it, where g crosses HEAD_THRESHOLD (linearly); past the frame edge, half a pixel out."""
+    points = []
+    padded_g, padded = np.pad(g, 1), np.pad(region, 1)  # outside the frame: background
+    for axis in (0, 1):
+        for step in (1, -1):
+            neighbour = np.roll(padded, -step, axis=axis)[1:-1, 1:-1]
+            rows, cols = np.nonzero(region & ~neighbour)
+            outside = np.roll(padded_g, -step, axis=axis)[1:-1, 1:-1][rows, cols]
+            inside = g[rows, cols]
+            t = np.clip((inside - HEAD_THRESHOLD) / np.maximum(inside - outside, 1e-6), 0.0, 1.0)
+            at_edge = (rows if axis == 0 else cols) == (g.shape[axis] - 1 if step == 1 else 0)
+            t = np.where(at_edge, 0.5, t)
+            offset = np.stack([step * t * (axis == 0), step * t * (axis == 1)], axis=1)
+            points.append(np.stack([rows, cols], axis=1) + offset)
+    return np.concatenate(points)
 
 
 def _outline_roughness(filled: np.ndarray, cy: float, cx: float) -> float:
