@@ -13,7 +13,7 @@ abandons prints an "Exception in ASGI application" traceback, an easy log flood.
   arrived within ``body_s + n / min_rate`` seconds of the server waiting for it (time the app
   spends elsewhere does not count), so a declared size buys no time, a client at ``min_rate``
   or faster is never cut, and the longest a body can hold a connection is ``body_s + size /
-  min_rate`` (30 s + 17 min for the 256 MiB request limit at the defaults). A late body gets
+  min_rate`` (30 s + 8.5 min for the 128 MiB request limit at the defaults). A late body gets
   a 408 and the connection is closed. A client that disconnects is logged in one INFO line.
 * :func:`run` starts uvicorn with these, the keep-alive idle deadline, a 16 KiB head limit,
   no ``server`` header, no trust in X-Forwarded-* headers (there is no proxy in front), and

@@ -226,8 +226,12 @@ def _cuts(image: np.ndarray) -> list[float]:
     points = _outline_points(g, head)
     projection = points @ _NORMALS
     near = projection >= projection.max(axis=0) - CUT_BAND
-    along = np.floor(points @ _ALONG)  # one-pixel bins along each support line
-    covered = np.array([len(np.unique(along[near[:, k], k])) for k in range(CUT_DIRECTIONS)], np.float64)
+    along = np.floor(points @ _ALONG).astype(np.int64)  # one-pixel bins along each support line
+    along -= along.min()
+    occupied = np.zeros((CUT_DIRECTIONS, int(along.max()) + 1), bool)  # direction x bin: covered?
+    rows, directions = np.nonzero(near)
+    occupied[directions, along[rows, directions]] = True
+    covered = occupied.sum(axis=1).astype(np.float64)
     covered /= 2 * np.sqrt(head.sum() / np.pi)
     first = int(np.argmax(covered))
     apart = np.abs((np.arange(CUT_DIRECTIONS) - first + CUT_DIRECTIONS / 2) % CUT_DIRECTIONS - CUT_DIRECTIONS / 2)
