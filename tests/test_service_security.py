@@ -13,6 +13,7 @@ from fastapi.testclient import TestClient
 from PIL import Image, PngImagePlugin
 
 from ichedge.access import AuditLog, TokenStore
+from ichedge.cli import main
 from ichedge.connections import serve_in_thread
 from ichedge.service import Access, Limits, create_app
 from tests.conftest import PHI, ct_phantom, synthetic_slice, write_ct_dicom
@@ -178,3 +179,16 @@ def test_beyond_the_waiting_line_requests_get_503_with_retry_after(served_run):
     assert busy.status_code == 503 and busy.headers["retry-after"] == "7"
     assert first["r"].status_code == 200
     assert json.loads(busy.text)["detail"].startswith("busy")
+
+
+def test_the_cli_makes_tokens_and_refuses_to_expose_the_service_unprotected(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("ICHEDGE_HOME", str(tmp_path / "home"))
+    tokens = tmp_path / "tokens.json"
+    assert main(["token", "create", "reader-2", "--tokens", str(tokens)]) == 0
+    token = capsys.readouterr().out.strip().splitlines()[-1]
+    assert TokenStore(tokens).verify(token) == "reader-2" and token not in tokens.read_text()
+    assert main(["token", "revoke", "--tokens", str(tokens)]) == 2
+    assert "needs the token's NAME" in capsys.readouterr().err
+    assert main(["serve", "--model", str(tmp_path / "no-model"), "--host", "0.0.0.0", "--tokens", str(tokens)]) == 2
+    err = capsys.readouterr().err
+    assert "no TLS" in err and "--insecure-expose" in err

@@ -235,7 +235,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                     deid_key=deid_key_file())
     scheme = "https" if args.certfile else "http"
     print(f"ichedge triage on {scheme}://{args.host}:{args.port}/ (Ctrl-C stops it); "
-          + (f"bearer tokens from {args.tokens}" if auth else "no tokens (loopback only)")
+          + (f"bearer tokens from {args.tokens}" if auth else "no tokens")
           + ("" if access.audit is None else f"; audit log {access.audit}"))
     serve(args.model, args.host, args.port, certfile=args.certfile, keyfile=args.keyfile, backend=args.backend,
           limits=limits, keep_uploads=args.keep_uploads, explain=not args.no_heatmaps, site=args.site, access=access)
@@ -244,6 +244,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_token(args: argparse.Namespace) -> int:
     store = TokenStore(args.tokens)
+    if args.action != "list" and not args.name:
+        raise ValueError(f"ichedge token {args.action} needs the token's NAME")
     if args.action == "create":
         token = store.create(args.name)
         print(f"token {args.name!r} (shown once; only its SHA-256 is kept in {args.tokens}):\n{token}")
