@@ -10,9 +10,11 @@ left out; the others go on.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +34,11 @@ class Source:
 
     name: str
     data: bytes | None = None
+
+    @cached_property
+    def digest(self) -> str:
+        """SHA-256 of an upload's bytes: its name when kept, its part of the audit log's study hash."""
+        return hashlib.sha256(self.data or b"").hexdigest()
 
     def head(self) -> bytes:
         if self.data is not None:

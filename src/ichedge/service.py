@@ -245,7 +245,7 @@ class TriageService:
                     data = deidentify_dicom(src.data, self.deid_key)
                 else:
                     data = strip_image_metadata(src.data, self.limits.decode.max_pixels)
-                name = hashlib.sha256(src.data).hexdigest()[:20] + (".dcm" if is_dicom else ".png")
+                name = src.digest[:20] + (".dcm" if is_dicom else ".png")
                 target = self.keep_uploads / name
                 handle, tmp = tempfile.mkstemp(dir=self.keep_uploads, suffix=".part")
                 with os.fdopen(handle, "wb") as fh:
@@ -352,7 +352,7 @@ def create_app(model: str | Path, backend: str = "int8", limits: Limits = Limits
                                          f"{limits.max_waiting} are waiting; retry later",
                                     headers={"Retry-After": str(limits.retry_after_s)}) from None
             record.update(n_files=len(sources) + len(errors),
-                          study=study_hash([hashlib.sha256(s.data).hexdigest() for s in sources]) if sources else None,
+                          study=study_hash([s.digest for s in sources]) if sources else None,
                           decision={"slices": len(result.slices), "flagged_slices": sum(s.flagged for s in result.slices),
                                     "studies": len(result.studies), "flagged_studies": sum(s.flagged for s in result.studies),
                                     "outside_slices": sum(s.outside for s in result.slices)})
