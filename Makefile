@@ -9,7 +9,7 @@ SEED ?= 0
 # The second hospital (non-commercial licence: read from there, never bundled).
 PHE_SICH ?= ../shared/data/phe-sich/labels.csv
 
-.PHONY: setup browser demo test test-fast sweep cv context best crosssite robustness bench ablation load clean-venv
+.PHONY: setup browser demo test test-fast sweep cv context best crosssite robustness tune bench ablation load clean-venv
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
@@ -72,6 +72,13 @@ crosssite: setup
 robustness: setup
 	$(BIN)/python bench/nested_selection.py $(CT_ICH)
 	$(BIN)/python bench/threshold_protocol.py $(CT_ICH)
+
+# Issue 17's search: the best int8 model within a Cortex-M4 board's 256 KiB RAM and 512 KiB flash, 30 trials
+# (alpha 1.0 from the shared ImageNet file), the chosen model trained, exported and profiled.
+WEIGHTS_DIR ?= ../shared/weights
+tune: setup
+	$(BIN)/ichedge tune --ram $(or $(RAM),256KiB) --flash $(or $(FLASH),512KiB) --trials 30 --weights-dir $(WEIGHTS_DIR) \
+	  --seed $(SEED) --apply --runs $(RUNS) --quiet
 
 bench: setup
 	$(BIN)/python bench/bench_sweep.py

@@ -1,9 +1,12 @@
 """Export, LiteRT prediction, TFLM agreement and the arena search, on a tiny trained run."""
 
 import json
+import logging
+import shutil
 import subprocess
 import sys
 
+import keras
 import numpy as np
 import pytest
 from ai_edge_litert.interpreter import Interpreter
@@ -245,3 +248,24 @@ def test_evaluate_scores_slice_context_on_the_runs_test_patients(tiny_run, tmp_p
     assert metrics["context_default"]["auc"] == pytest.approx(run_metrics["context_default"]["auc"], abs=1e-6)
     assert metrics["default"]["auc"] == pytest.approx(run_metrics["default"]["auc"], abs=1e-6)
     assert "slice context, high-sensitivity threshold" in (folder / "report.html").read_text()
+
+
+@pytest.mark.integration
+def test_a_collapsed_model_is_exported_only_with_a_loud_warning(tiny_run, tmp_path, caplog) -> None:
+    """A model whose output is the same for every slice (output layer zeroed) still exports, but the
+    log and both model cards say it has not learnt."""
+    run = tmp_path / tiny_run.name
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("export*"))
+    model = keras.models.load_model(RunFolder.open(run).model_file)
+    out = model.get_layer("head").get_layer("hemorrhage")
+    out.set_weights([np.zeros_like(w) for w in out.get_weights()])
+    model.save(RunFolder.open(run).model_file)
+    with caplog.at_level(logging.WARNING, logger="ichedge"):
+        result = export_run(run, calibration_images=20)
+    assert result.card["warning"].startswith("COLLAPSED MODEL")
+    assert "COLLAPSED MODEL" in caplog.text
+    assert "COLLAPSED MODEL" in (result.folder / "model_card.md").read_text()
+
+
+def test_a_model_that_learnt_exports_without_a_collapse_warning(tiny_export) -> None:
+    assert "warning" not in tiny_export.card

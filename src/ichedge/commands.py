@@ -17,6 +17,7 @@ from ichedge.acceptance import DEFAULT_CONFIDENCE, DEFAULT_SENSITIVITY, DEFAULT_
 from ichedge.audit import DEFAULT_MAX_DISTANCE, audit, group_by_clusters, run_audit
 from ichedge.channels import CHANNEL_MODES
 from ichedge.crosssite import cross_site, markdown, write_cross_site
+from ichedge.devices import MCUS, Budget, mcu, parse_bytes
 from ichedge.data import DataError, Dataset, read_dataset, train_val_test_split
 from ichedge.evaluate import evaluate_model
 from ichedge.explain import GradCAM
@@ -34,6 +35,7 @@ from ichedge.sweep import PAPER_GRID, parse_grid, run_sweep
 from ichedge.tflm import TFLMError
 from ichedge.training import TrainConfig, train
 from ichedge.triage import OUTSIDE, triage, write_triage
+from ichedge.tune import PRETRAINED_RECIPES, RANDOM_RECIPES, Space, describe, tune
 
 
 def _config_args(p: argparse.ArgumentParser, single: bool) -> None:
@@ -153,6 +155,26 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                        progress=progress_wanted(args.quiet), profile=args.profile)
     print((out / f"{RESULTS}.md").read_text())
     print(f"sweep folder: {out}")
+    return 0
+
+
+def _listed(text: str, kind: type) -> tuple:
+    return tuple(kind(v) for v in text.split(",") if v.strip())
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    budget = Budget(parse_bytes(args.ram), parse_bytes(args.flash), args.latency_ms, mcu(args.mcu, args.clock_mhz))
+    low, high, step = (int(v) for v in args.sizes.split(":"))
+    space = Space(low, high, step, _listed(args.alphas, float), _listed(args.heads, str),
+                  (False, True) if args.trim == "search" else (args.trim == "yes",), _listed(args.channels, str),
+                  _listed(args.recipes, str))
+    windows = tuple(dict.fromkeys(w for name in space.channels for w in CHANNEL_MODES.get(name).windows))
+    ds = _grouped(read_dataset(args.data, windows), args)
+    print(ds.summary())
+    result = tune(ds, budget, args.trials, space, TrainConfig(seed=args.seed, epochs=args.epochs), args.folds, args.seed, args.runs,
+                  args.weights_dir, apply=args.apply, resume=args.resume, progress=progress_wanted(args.quiet))
+    print(describe(result))
+    print(f"search folder: {result.folder}")
     return 0
 
 
@@ -332,6 +354,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", action="store_true",
                    help="export and profile each configuration (first fold): flash, arena, latency, int8 AUC")
     p.set_defaults(func=cmd_sweep)
+    p = command("tune", help="search input size, width, head, trimming, channels and recipe for the best int8 AUC "
+                             "within a device's RAM and flash (Optuna TPE, patient folds, resumable)")
+    p.add_argument("--ram", required=True, help="TFLM tensor arena budget, e.g. 256KiB")
+    p.add_argument("--flash", required=True, help="int8 model flash budget, e.g. 512KiB or 1MiB")
+    p.add_argument("--latency-ms", type=float, help="limit on the estimated MCU latency (MACs / published rate)")
+    p.add_argument("--mcu", choices=list(MCUS), default="cortex-m4",
+                   help="core and clock the latency estimate assumes: " + "; ".join(f"{m.name}: {m.clock_mhz:g} MHz, "
+                                                                             f"e.g. {m.example}" for m in MCUS.values()))
+    p.add_argument("--clock-mhz", type=float, help="the MCU's clock, if not the example board's")
+    p.add_argument("--trials", type=int, default=30, help="trials that measure something new (repeats not counted)")
+    p.add_argument("--data", type=Path, action="append", help="dataset(s) (default: bundled CT-ICH)")
+    p.add_argument("--cv", type=int, default=5, dest="folds", metavar="K", help="patient folds per trial")
+    p.add_argument("--seed", type=int, default=0, help="seed of the folds, the sampler and training")
+    p.add_argument("--runs", type=Path, default=Path("runs"))
+    p.add_argument("--weights-dir", type=Path,
+                   help="folder of Keras MobileNetV2 no-top ImageNet files for widths not bundled (e.g. alpha 1.0)")
+    p.add_argument("--epochs", type=int, default=TrainConfig().epochs, help="epochs of the paper head and of "
+                                                                              "from-scratch training")
+    p.add_argument("--sizes", default="64:224:16", help="LOW:HIGH:STEP input sizes")
+    p.add_argument("--alphas", default="0.05,0.1,0.35,0.5,0.75,1.0", help="widths (those without weights train "
+                                                                            "from random weights)")
+    p.add_argument("--heads", default="paper,multilevel")
+    p.add_argument("--trim", choices=("search", "yes", "no"), default="search")
+    p.add_argument("--channels", default="gray,brain-bone,2.5d", help="channel modes")
+    p.add_argument("--recipes", default=",".join(PRETRAINED_RECIPES + RANDOM_RECIPES),
+                   help=f"for pretrained widths {'/'.join(PRETRAINED_RECIPES)}; for random ones {'/'.join(RANDOM_RECIPES)}")
+    p.add_argument("--apply", action="store_true",
+                   help="train the best configuration on one patient split, export and profile it (chosen/)")
+    p.add_argument("--resume", type=Path, help="an earlier search folder (or -incomplete) to continue")
+    p.add_argument("--quiet", action="store_true")
+    _grouping_args(p)
+    p.set_defaults(func=cmd_tune)
     p = command("crosssite", help="train at one site and at both, test at each: AUC, sensitivity and specificity "
                                   "at the shipped threshold, threshold drift (patient folds)")
     _config_args(p, single=True)

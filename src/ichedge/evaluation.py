@@ -31,6 +31,17 @@ def _ratio(a: float, b: float) -> float:
     return float(a / b) if b else float("nan")
 
 
+# A model whose outputs barely vary says the same thing of every slice: it has not learnt.
+COLLAPSE_SPREAD = 1e-3
+
+
+def is_collapsed(probabilities: np.ndarray) -> bool:
+    """Whether a model's outputs on real slices are (nearly) constant: fewer than 3 distinct values
+    (an int8 output has 256) or a standard deviation below :data:`COLLAPSE_SPREAD`."""
+    p = np.asarray(probabilities, dtype=np.float64).reshape(-1)
+    return len(np.unique(p)) < 3 or float(p.std()) < COLLAPSE_SPREAD
+
+
 def binary_metrics(y: np.ndarray, p: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
     """All slice-level metrics at one threshold (hemorrhage = 1 is the positive class)."""
     y = np.asarray(y).astype(int)

@@ -24,7 +24,7 @@ from ai_edge_litert.interpreter import Interpreter
 
 from ichedge.context import SliceContext
 from ichedge.data import DataError
-from ichedge.evaluation import choose_thresholds
+from ichedge.evaluation import choose_thresholds, is_collapsed
 from ichedge.heads import HEADS
 from ichedge.model import sha256
 from ichedge.output import native_output_silenced
@@ -125,6 +125,7 @@ def runtime_thresholds(run: RunFolder, files: dict[str, Path], thresholds: dict)
         predictor = LiteRTPredictor(files[file], run.preprocessing, reference_kernels=reference)
         p = predictor.predict(val.x)
         out[predictor.runtime] = choose_thresholds(val.y, p, groups, target, aggregate)
+        out[predictor.runtime]["collapsed"] = is_collapsed(p)
         if context is not None:
             scored = context.apply(p, groups, order)
             out[predictor.runtime]["context"] = choose_thresholds(val.y, scored, groups, target, aggregate)
@@ -152,6 +153,10 @@ def export_run(run_dir: str | Path, calibration_images: int = 200, seed: int = 0
         files["c_source"].write_text(source)
         card = model_card(run, metrics, int8_bytes, files, calibration_images)
         card["thresholds"]["by_runtime"] = runtime_thresholds(run, files, card["thresholds"])
+        if collapsed := [rt for rt, t in card["thresholds"]["by_runtime"].items() if t["collapsed"]]:
+            card["warning"] = (f"COLLAPSED MODEL: near-constant output on the validation slices ({', '.join(collapsed)}): "
+                               "it has not learnt to tell slices apart; do not deploy it")
+            log.warning("%s: %s", run.path, card["warning"])
         if profile is not None:
             card["thresholds"]["site"] = site_thresholds(profile, card["files"])
         card = export.card(card, model_card_markdown(card))
@@ -226,6 +231,7 @@ def model_card_markdown(card: dict) -> str:
     m = card["metrics"]
     lines = [
         f"# Model card: {card['model']}", "",
+        *([f"**{card['warning']}**", ""] if "warning" in card else []),
         f"Task: {card['task']}. Intended use: {card['intended_use']}.", "",
         "## Input and preprocessing",
         f"- {card['input']}",

@@ -101,3 +101,33 @@ def plot_roc(y: np.ndarray, p: np.ndarray, points: Mapping[str, Mapping[str, flo
     ax.set_ylabel("sensitivity")
     ax.legend(loc="lower right", fontsize=8)
     _save(fig, path)
+
+
+def plot_pareto(rows: Sequence[Mapping], budget, paper: Mapping[tuple[int, float], Mapping[str, float]],
+                path: Path) -> None:
+    """A search's trials: int8 AUC against TFLM arena and against flash, the Pareto front joined,
+    the budget as lines, and the paper's configurations as ichedge measured them."""
+    fig = Figure(figsize=(11, 4.2))
+    done = [r for r in rows if r["outcome"] in ("complete", "pruned") and r.get("auc_int8") is not None]
+    front = sorted((r for r in done if r.get("pareto")), key=lambda r: r["arena_kib"])
+    for ax, key, limit, label in zip(fig.subplots(1, 2), ("arena_kib", "flash_kib"), (budget.ram, budget.flash),
+                                     ("RAM: TFLM arena (KiB)", "flash: int8 model (KiB)")):
+        for outcome, style in (("complete", dict(color="tab:blue", alpha=0.6)),
+                               ("pruned", dict(color="grey", alpha=0.5, marker="x"))):
+            pts = [r for r in done if r["outcome"] == outcome]
+            ax.scatter([r[key] for r in pts], [r["auc_int8"] for r in pts], s=22,
+                       label="trial" if outcome == "complete" else "pruned (mean of its folds)", **style)
+        line = sorted(front, key=lambda r: r[key])
+        ax.plot([r[key] for r in line], [r["auc_int8"] for r in line], "o-", color="tab:green", ms=6,
+                label="Pareto front")
+        for (size, alpha), m in paper.items():
+            ax.scatter(m[key], m["auc"], marker="*", s=120, color="tab:red",
+                       label="paper's configurations (ichedge, float AUC)" if (size, alpha) == next(iter(paper)) else None)
+            ax.annotate(f"{size}x{alpha:g}", (m[key], m["auc"]), textcoords="offset points", xytext=(4, -10),
+                        fontsize=7, color="tab:red")
+        ax.axvline(limit / 1024, color="black", ls="--", lw=1, label="budget")
+        ax.set_xlabel(label)
+        ax.set_ylabel("AUC (int8, mean of patient folds)")
+        ax.grid(alpha=0.3)
+    fig.axes[0].legend(fontsize=7, loc="lower right")
+    _save(fig, path)

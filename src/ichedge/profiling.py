@@ -21,23 +21,28 @@ from ichedge.runtimes import LiteRTPredictor, Predictor
 from ichedge.tflm import find_arena, run_tflm
 
 
-def count_macs(model_path: Path) -> int:
-    """Multiply-accumulates of one inference, from the convolution and dense ops of a .tflite."""
+def macs_by_operator(model_path: Path) -> dict[str, int]:
+    """Multiply-accumulates of one inference per operator type (convolution, depthwise, dense) of a .tflite."""
     it = Interpreter(model_path=str(model_path))
     shapes = {t["index"]: t["shape"] for t in it.get_tensor_details()}
-    macs = 0
+    macs = {"CONV_2D": 0, "DEPTHWISE_CONV_2D": 0, "FULLY_CONNECTED": 0}
     for op in it._get_ops_details():  # the public API has no per-op listing
         name, ins, outs = op["op_name"], op["inputs"], op["outputs"]
         if name == "CONV_2D":
             _, kh, kw, cin = shapes[ins[1]]
-            macs += int(np.prod(shapes[outs[0]])) * kh * kw * cin
+            macs[name] += int(np.prod(shapes[outs[0]])) * kh * kw * cin
         elif name == "DEPTHWISE_CONV_2D":
             _, kh, kw, _ = shapes[ins[1]]
-            macs += int(np.prod(shapes[outs[0]])) * kh * kw
+            macs[name] += int(np.prod(shapes[outs[0]])) * kh * kw
         elif name == "FULLY_CONNECTED":
             _, in_units = shapes[ins[1]]
-            macs += int(in_units * np.prod(shapes[outs[0]]))  # every output value sums in_units products
-    return int(macs)
+            macs[name] += int(in_units * np.prod(shapes[outs[0]]))  # every output value sums in_units products
+    return {k: int(v) for k, v in macs.items()}
+
+
+def count_macs(model_path: Path) -> int:
+    """Multiply-accumulates of one inference, from the convolution and dense ops of a .tflite."""
+    return sum(macs_by_operator(model_path).values())
 
 
 def latency_ms(predictor: LiteRTPredictor, image: np.ndarray, runs: int = 50, warmup: int = 5) -> dict[str, float]:
