@@ -122,3 +122,9 @@ def test_multilevel_head_pools_block_13_and_block_16_and_drops_the_last_convolut
     assert head_of(paper) is HEADS.get("paper") and head_of(multilevel) is HEADS.get("multilevel")
     with pytest.raises(ValueError, match="carries none of this version's heads"):
         head_of(maps)
+
+
+def test_weights_file_names_are_keras_own() -> None:
+    # Keras writes alpha as a float: the shared alpha-1.0 file is ..._1.0_224_no_top.h5, not ..._1_224_...
+    assert weights_filename(1.0, 224) == "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5"
+    assert weights_filename(0.35, 96).endswith("_0.35_96_no_top.h5")

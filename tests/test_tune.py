@@ -16,9 +16,10 @@ from ichedge.cli import main
 from ichedge.data import read_manifest
 from ichedge.devices import MCUS, Architecture, Budget, GraphCost, parse_bytes
 from ichedge.evaluation import is_collapsed
+from ichedge.model import weights_filename
 from ichedge.training import TrainConfig
 from ichedge.tune import (Candidate, Evaluator, LocalExecutor, Space, TuneResult, beats_paper, best_trial, pareto_front,
-                          suggest, tune)
+                          suggest, tune, weights_for)
 
 KIB = 1024
 
@@ -88,6 +89,13 @@ def test_the_space_offers_only_choices_that_apply() -> None:
     with pytest.raises(ValueError):
         suggest(optuna.trial.FixedTrial({"size": 96, "alpha": 0.1, "recipe_random": "frozen", "head_random": "paper",
                                          "trim": False, "channels": "gray"}), space, base, None)
+
+
+def test_weights_come_from_the_bundle_or_a_local_folder_never_a_download(tmp_path: Path) -> None:
+    (tmp_path / weights_filename(1.0, 224)).write_bytes(b"")
+    assert weights_for(0.35, 96, None) == "imagenet"  # bundled
+    assert weights_for(1.0, 96, tmp_path) == str(tmp_path / weights_filename(1.0, 224))
+    assert weights_for(0.5, 96, tmp_path) is None and weights_for(1.0, 96, None) is None
 
 
 def test_a_bad_budget_is_one_clear_line(capsys: pytest.CaptureFixture) -> None:

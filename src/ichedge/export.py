@@ -191,7 +191,8 @@ def model_card(run: RunFolder, metrics: dict, int8_bytes: bytes, files: dict[str
 
 def training_sources(dataset: dict) -> list[dict]:
     """Each source a run trained on, with its licence (a licence restricts the model trained on it too)."""
-    return [{k: s[k] for k in ("name", "slices", "licence", "credit")} for s in dataset.get("sources", [])] or [
+    return [{k: s[k] for k in ("name", "slices", "licence", "credit", "role") if k in s}
+            for s in dataset.get("sources", [])] or [
         {"name": dataset["name"], "licence": "not recorded (a run made before ichedge listed its sources)"}]
 
 
@@ -268,7 +269,8 @@ def model_card_markdown(card: dict) -> str:
     lines += [f"| {f['name']} | {f['bytes']} | `{f['sha256']}` |" for f in card["files"].values()]
     lines += ["", "## Training data and licences",
               "A model inherits the terms of the data it was trained on.",
-              *(f"- {t['name']}" + (f" ({t['slices']} slices)" if "slices" in t else "") + f": licence {t['licence']}"
+              *(f"- {t['name']}" + (f" ({t['slices']} slices)" if "slices" in t else "")
+                + (f", {t['role']}" if "role" in t else "") + f": licence {t['licence']}"
                 for t in card.get("training_sources", []))]
     lines += ["", "## Data credit", card["data_credit"], ""]
     return "\n".join(lines)

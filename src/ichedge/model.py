@@ -30,7 +30,8 @@ KERAS_URL = "https://storage.googleapis.com/tensorflow/keras-applications/mobile
 
 
 def weights_filename(alpha: float, rows: int) -> str:
-    return f"mobilenet_v2_weights_tf_dim_ordering_tf_kernels_{alpha:g}_{rows}_no_top.h5"
+    """Keras's own name for the file (alpha written as a float: ``1.0``, ``0.35``)."""
+    return f"mobilenet_v2_weights_tf_dim_ordering_tf_kernels_{float(alpha)}_{rows}_no_top.h5"
 
 
 def sha256(path: Path) -> str:

@@ -215,17 +215,7 @@ def fit(
         _fit_images(model, config, inputs, split, config.epochs, config.learning_rate, cw, progress, history, "from-scratch")
         seconds["from_scratch"] = time.perf_counter() - start
 
-    probs = {part: predict_probabilities(model, x[idx]) for part, idx in (("val", va), ("test", te))}
-    labels = {"val": y[va], "test": y[te]}
-    metrics = evaluate_split(labels["val"], probs["val"], labels["test"], probs["test"], config.target_sensitivity)
-    metrics["intervals"] = intervals(
-        labels["test"], probs["test"], None if groups is None else groups[te],
-        {"default": 0.5, "high_sensitivity": metrics["high_sensitivity"]["threshold"]})
-    metrics["calibration"] = calibration(labels["val"], probs["val"], labels["test"], probs["test"])
-    if groups is not None:
-        metrics["study_high_sensitivity"] = evaluate_studies(
-            groups[va], labels["val"], probs["val"], groups[te], labels["test"], probs["test"],
-            config.study_aggregate, config.target_sensitivity)
+    metrics, probs, labels = held_out_metrics(config, model, inputs, split, groups)
     context = None
     if config.context:
         if frozen is not None:
@@ -241,6 +231,25 @@ def fit(
     if sources is not None:
         metrics.update(_source_metrics(config, metrics, labels, probs, sources[te], None if groups is None else groups[te]))
     return TrainResult(model, weights, history, metrics, probs, labels, seconds, features, context)
+
+
+def held_out_metrics(config: TrainConfig, model: keras.Model, inputs: Loaded, split: Split,
+                     groups: np.ndarray | None) -> tuple[dict, dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """A trained model's figures: thresholds chosen on the validation rows, metrics with intervals
+    and calibration on the test rows, study-level ones where ``groups`` gives patients."""
+    x, y, va, te = inputs.x, inputs.y, split.val, split.test
+    probs = {part: predict_probabilities(model, x[idx]) for part, idx in (("val", va), ("test", te))}
+    labels = {"val": y[va], "test": y[te]}
+    metrics = evaluate_split(labels["val"], probs["val"], labels["test"], probs["test"], config.target_sensitivity)
+    metrics["intervals"] = intervals(
+        labels["test"], probs["test"], None if groups is None else groups[te],
+        {"default": 0.5, "high_sensitivity": metrics["high_sensitivity"]["threshold"]})
+    metrics["calibration"] = calibration(labels["val"], probs["val"], labels["test"], probs["test"])
+    if groups is not None:
+        metrics["study_high_sensitivity"] = evaluate_studies(
+            groups[va], labels["val"], probs["val"], groups[te], labels["test"], probs["test"],
+            config.study_aggregate, config.target_sensitivity)
+    return metrics, probs, labels
 
 
 CONTEXT_INNER_FOLDS = 4
@@ -354,8 +363,13 @@ def write_run(
     inputs: Loaded,
     split: Split,
     result: TrainResult,
+    extra: dict | None = None,
+    extra_sources: list[dict] = (),
 ) -> None:
-    """Write config, model, history, metrics and plots of one run into folder ``out``."""
+    """Write config, model, history, metrics and plots of one run into folder ``out``.
+
+    ``extra`` adds entries to config.json; ``extra_sources`` lists data the model learnt from beyond
+    ``dataset`` (e.g. slices scored by a teacher), so the model card names their licences."""
     run = RunWriter(out)
     records = [dataset.records[i] for i in inputs.indices]
     meta = {
@@ -371,7 +385,7 @@ def write_run(
             "windows": list(dataset.windows),
             "summary": dataset.summary(),
             "credit": dataset.credit,
-            "sources": dataset.provenance(),
+            "sources": dataset.provenance() + list(extra_sources),
             "split_by": {"patient": "patient",
                          "near-duplicate cluster": "near-duplicate clusters (not patients: patients may leak)",
                          }.get(dataset.split_unit, "image (no patient IDs: patients may leak)"),
@@ -383,6 +397,7 @@ def write_run(
     }
     if not result.weights.pretrained:
         meta["warning"] = f"RANDOM WEIGHTS: {result.weights.note}"
+    meta.update(extra or {})
     run.config(meta)
     run.model(result.model)
     run.history(result.history)
