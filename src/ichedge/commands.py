@@ -18,6 +18,7 @@ from ichedge.audit import DEFAULT_MAX_DISTANCE, audit, group_by_clusters, run_au
 from ichedge.channels import CHANNEL_MODES
 from ichedge.crosssite import cross_site, markdown, write_cross_site
 from ichedge.devices import MCUS, Budget, mcu, parse_bytes
+from ichedge.distill import DistillConfig, distill
 from ichedge.data import DataError, Dataset, read_dataset, train_val_test_split
 from ichedge.evaluate import evaluate_model
 from ichedge.explain import GradCAM
@@ -175,6 +176,22 @@ def cmd_tune(args: argparse.Namespace) -> int:
                   args.weights_dir, apply=args.apply, resume=args.resume, progress=progress_wanted(args.quiet))
     print(describe(result))
     print(f"search folder: {result.folder}")
+    return 0
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    ds = read_dataset(args.data)
+    print(ds.summary())
+    unlabelled = read_dataset(args.unlabelled) if args.unlabelled else None
+    config = DistillConfig(alpha=args.alpha, size=args.size, epochs=args.epochs, seed=args.seed)
+    run, result = distill(config, ds, train_val_test_split(ds, seed=args.seed), unlabelled, args.unlabelled_count,
+                          args.runs, progress=progress_wanted(args.quiet))
+    d, hs = result.metrics["default"], result.metrics["high_sensitivity"]
+    print(f"student {args.size}x{args.size}, alpha {args.alpha:g}: test AUC {d['auc']:.3f}; at {hs['threshold']:.3f} "
+          f"sensitivity {hs['sensitivity']:.3f}, specificity {hs['specificity']:.3f}")
+    if unlabelled is not None:
+        print(f"trained with {unlabelled.name} slices (teacher scores only): licence {unlabelled.licence}")
+    print(f"run folder: {run}")
     return 0
 
 
@@ -386,6 +403,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     _grouping_args(p)
     p.set_defaults(func=cmd_tune)
+    p = command("distill", help="train a tiny width from random weights with a 224x224 teacher's scores and "
+                                "attention maps (knowledge distillation); writes a run folder")
+    p.add_argument("--data", type=Path, action="append", help="labelled dataset (default: bundled CT-ICH)")
+    p.add_argument("--alpha", type=float, default=0.1, help="the student's width multiplier")
+    p.add_argument("--size", type=int, default=96, help="the student's input resolution")
+    p.add_argument("--epochs", type=int, default=DistillConfig(alpha=0.1).epochs)
+    p.add_argument("--unlabelled", type=Path,
+                   help="extra slices seen through the teacher's scores only (their licence binds the student)")
+    p.add_argument("--unlabelled-count", type=int, default=1500, help="of the unlabelled slices, at most this many "
+                                                                      "(seeded)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--runs", type=Path, default=Path("runs"))
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_distill)
     p = command("crosssite", help="train at one site and at both, test at each: AUC, sensitivity and specificity "
                                   "at the shipped threshold, threshold drift (patient folds)")
     _config_args(p, single=True)

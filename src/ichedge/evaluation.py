@@ -31,15 +31,12 @@ def _ratio(a: float, b: float) -> float:
     return float(a / b) if b else float("nan")
 
 
-# A model whose outputs barely vary says the same thing of every slice: it has not learnt.
-COLLAPSE_SPREAD = 1e-3
-
-
-def is_collapsed(probabilities: np.ndarray) -> bool:
-    """Whether a model's outputs on real slices are (nearly) constant: fewer than 3 distinct values
-    (an int8 output has 256) or a standard deviation below :data:`COLLAPSE_SPREAD`."""
-    p = np.asarray(probabilities, dtype=np.float64).reshape(-1)
-    return len(np.unique(p)) < 3 or float(p.std()) < COLLAPSE_SPREAD
+def is_collapsed(probabilities: np.ndarray, min_sd: float = 1e-3, min_distinct: int = 5) -> bool:
+    """Whether a model's scores on real slices are (near) constant: sd below ``min_sd``, or fewer than
+    ``min_distinct`` distinct values at 4 decimals (a threshold, not a score). Such a model has not
+    learnt to tell slices apart and must not be exported silently."""
+    p = np.asarray(probabilities, np.float64).reshape(-1)
+    return bool(len(p) == 0 or p.std() < min_sd or len(np.unique(np.round(p, 4))) < min_distinct)
 
 
 def binary_metrics(y: np.ndarray, p: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
