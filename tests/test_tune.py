@@ -18,8 +18,8 @@ from ichedge.devices import MCUS, Architecture, Budget, GraphCost, parse_bytes
 from ichedge.evaluation import is_collapsed
 from ichedge.model import weights_filename
 from ichedge.training import TrainConfig
-from ichedge.tune import (Candidate, Evaluator, LocalExecutor, Space, TuneResult, beats_paper, best_trial, pareto_front,
-                          suggest, tune, weights_for)
+from ichedge.tune import (Candidate, Evaluator, LocalExecutor, Outcome, Space, TuneResult, _search, _study, beats_paper,
+                          best_trial, pareto_front, suggest, tune, weights_for)
 
 KIB = 1024
 
@@ -200,3 +200,25 @@ def test_a_trial_the_pruner_stops_trains_no_further_fold(tiny_search: Searched, 
                        lambda fold, value: reports.append((fold, value)) or True)
     assert outcome.state == "pruned" and outcome.attrs["folds"] == 1 and len(reports) == 1
     assert outcome.value == reports[0][1] == outcome.attrs["auc_int8_folds"][0]
+
+
+def test_the_search_runs_each_configuration_once_and_stops_when_the_space_is_spent(tmp_path: Path) -> None:
+    """The driver with a stand-in trial function (no training): TPE proposes the two points of the
+    space again and again; each is run once, later proposals get its recorded result, uncounted."""
+    calls: list[bool] = []
+
+    def evaluate(candidate: Candidate, report) -> Outcome:
+        calls.append(candidate.config.trim)
+        attrs = {"key": candidate.key, "folds": 1, "arena_kib": 100.0, "flash_kib": 400.0}
+        if candidate.config.trim:
+            return Outcome("complete", 0.8, attrs)
+        report(0, 0.6)
+        return Outcome("pruned", 0.6, attrs)
+
+    study = _study(tmp_path, 0, {})
+    _search(study, evaluate, LocalExecutor(), TINY, TrainConfig(), None, trials=3)
+    assert sorted(calls) == [False, True]  # two configurations, each once: the third trial never comes
+    counted = [t for t in study.trials if t.user_attrs["counted"]]
+    repeats = [t for t in study.trials if "repeat_of" in t.user_attrs]
+    assert len(counted) == 2 and len(study.trials) == len(counted) + len(repeats) == 4 * 3
+    assert all(r.intermediate_values == study.trials[r.user_attrs["repeat_of"]].intermediate_values for r in repeats)

@@ -396,8 +396,9 @@ def _search(study: optuna.Study, evaluate: Evaluator, executor: Executor, space:
             weights_dir: Path | None, trials: int, progress: bool = False) -> None:
     """Run trials until ``trials`` of them measured something new.
 
-    TPE proposes points again in a small categorical space: a repeat of a finished configuration,
-    or an architecture already found over budget, is told its known result at once and not counted.
+    TPE proposes points again in a small categorical space: a repeat of a finished or pruned
+    configuration, or an architecture already found over budget, is told its known result at once
+    and not counted.
     After ``MAX_ASKS`` x ``trials`` proposals the space is taken as exhausted.
     """
     known: dict[str, optuna.trial.FrozenTrial] = {}
@@ -419,7 +420,9 @@ def _search(study: optuna.Study, evaluate: Evaluator, executor: Executor, space:
                 _finish(study, trial, Outcome("over-budget", None, {"reason": str(why)}), counted=False)
                 continue
             seen = known.get(candidate.key) or known.get(candidate.architecture.key)
-            if seen is not None and seen.user_attrs.get("outcome") in ("complete", "over-budget"):
+            if seen is not None and seen.user_attrs.get("outcome") in ("complete", "over-budget", "pruned"):
+                for step, value in seen.intermediate_values.items():  # a pruned one ranks as it did
+                    trial.report(value, step)
                 repeat = {**seen.user_attrs, "key": candidate.key, "repeat_of": seen.number, "seconds": 0.0}
                 _finish(study, trial, Outcome(seen.user_attrs["outcome"], seen.value, repeat), counted=False)
                 continue
