@@ -44,7 +44,7 @@ from ichedge.model import _bundled, weights_filename, KERAS_ROWS
 from ichedge.plots import plot_pareto
 from ichedge.preprocess import Loaded, Preprocessing, load_inputs, patient_groups, slice_order
 from ichedge.profiling import profile_run
-from ichedge.runs import new_folder, write_json
+from ichedge.runs import EXPORT_MODELS, new_folder, write_json
 from ichedge.runtimes import LiteRTPredictor
 from ichedge.sweep import PAPER_MEASURED
 from ichedge.training import TrainConfig, fit, remap_split, train
@@ -245,7 +245,7 @@ def _int8_scores(model, train_x: np.ndarray, test_x: np.ndarray, config: TrainCo
     scored on the test fold by LiteRT on one thread."""
     calibration = train_x[np.random.default_rng(seed).permutation(len(train_x))[:CALIBRATION_IMAGES]]
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "model_int8.tflite"
+        path = Path(tmp) / EXPORT_MODELS["int8"]
         path.write_bytes(to_int8_tflite(model, calibration.astype("float32")))
         return LiteRTPredictor(path, config.preprocessing, num_threads=1).predict(test_x)
 
