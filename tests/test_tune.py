@@ -101,6 +101,8 @@ def test_weights_come_from_the_bundle_or_a_local_folder_never_a_download(tmp_pat
 def test_a_bad_budget_is_one_clear_line(capsys: pytest.CaptureFixture) -> None:
     assert main(["tune", "--ram", "lots", "--flash", "1MiB"]) == 2
     assert "'lots' is not a size" in capsys.readouterr().err
+    assert main(["tune", "--ram", "256KiB", "--flash", "1MiB", "--sizes", "96-160"]) == 2
+    assert "is not LOW:HIGH:STEP" in capsys.readouterr().err
 
 
 # --- a real search on a tiny space, stopped after its first trial and resumed -------------------

@@ -165,15 +165,19 @@ def _listed(text: str, kind: type) -> tuple:
 
 def cmd_tune(args: argparse.Namespace) -> int:
     budget = Budget(parse_bytes(args.ram), parse_bytes(args.flash), args.latency_ms, mcu(args.mcu, args.clock_mhz))
-    low, high, step = (int(v) for v in args.sizes.split(":"))
+    try:
+        low, high, step = (int(v) for v in args.sizes.split(":"))
+    except ValueError:
+        raise ValueError(f"--sizes {args.sizes!r} is not LOW:HIGH:STEP, e.g. 64:224:16") from None
     space = Space(low, high, step, _listed(args.alphas, float), _listed(args.heads, str),
                   (False, True) if args.trim == "search" else (args.trim == "yes",), _listed(args.channels, str),
                   _listed(args.recipes, str))
     windows = tuple(dict.fromkeys(w for name in space.channels for w in CHANNEL_MODES.get(name).windows))
     ds = _grouped(read_dataset(args.data, windows), args)
     print(ds.summary())
-    result = tune(ds, budget, args.trials, space, TrainConfig(seed=args.seed, epochs=args.epochs), args.folds, args.seed, args.runs,
-                  args.weights_dir, apply=args.apply, resume=args.resume, progress=progress_wanted(args.quiet))
+    base = TrainConfig(seed=args.seed, epochs=args.epochs)
+    result = tune(ds, budget, args.trials, space, base, args.folds, args.seed, args.runs, args.weights_dir,
+                  apply=args.apply, resume=args.resume, progress=progress_wanted(args.quiet))
     print(describe(result))
     print(f"search folder: {result.folder}")
     return 0

@@ -475,8 +475,9 @@ def _line(outcome: Outcome) -> str:
 # --- tables, the Pareto front, the chosen model ------------------------------------------------
 
 COLUMNS = ("trial", "outcome", "size", "alpha", "head", "trim", "channels", "recipe", "auc_int8", "auc_int8_sd",
-           "pooled_auc_int8", "pooled_auc_int8_low", "pooled_auc_int8_high", "auc_float", "folds", "arena_kib", "flash_kib", "macs", "parameters", "host_int8_ms", "mcu_ms_estimate",
-           "pareto", "collapsed_folds", "seconds", "reason", "repeat_of")
+           "pooled_auc_int8", "pooled_auc_int8_low", "pooled_auc_int8_high", "auc_float", "folds", "arena_kib",
+           "flash_kib", "macs", "parameters", "host_int8_ms", "mcu_ms_estimate", "pareto", "collapsed_folds", "seconds",
+           "reason", "repeat_of")
 
 
 def trial_rows(study: optuna.Study) -> list[dict]:
@@ -492,7 +493,8 @@ def trial_rows(study: optuna.Study) -> list[dict]:
         if value is None and a.get("auc_int8_folds"):
             value = float(np.mean(a["auc_int8_folds"]))  # pruned after some folds: their mean
         rows.append({
-            "trial": t.number, "outcome": "repeat" if "repeat_of" in a else a.get("outcome", t.state.name.lower()), "size": p.get("size"),
+            "trial": t.number, "outcome": "repeat" if "repeat_of" in a else a.get("outcome", t.state.name.lower()),
+            "size": p.get("size"),
             "alpha": p.get("alpha"), "head": p.get("head", p.get("head_random")), "trim": p.get("trim", False),
             "channels": p.get("channels"), "recipe": a.get("recipe"), "auc_int8": value,
             **{k: a.get(k) for k in COLUMNS[9:] if k != "pareto"}})
