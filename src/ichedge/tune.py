@@ -136,6 +136,12 @@ def suggest(trial: optuna.Trial, space: Space, base: TrainConfig, weights_dir: P
     head = trial.suggest_categorical("head" if weights else "head_random", heads)
     trim = trial.suggest_categorical("trim", list(space.trims)) if HEADS.get(head).fits_trimmed else False
     channels = trial.suggest_categorical("channels", list(space.channels))
+    return candidate(base, size, alpha, head, trim, channels, recipe, weights)
+
+
+def candidate(base: TrainConfig, size: int, alpha: float, head: str, trim: bool, channels: str, recipe: str,
+              weights: str | None) -> Candidate:
+    """``base`` with one point of the space; ``weights``: :func:`weights_for`'s answer (None: random)."""
     config = replace(base, size=size, alpha=alpha, head=head, trim=trim, channels=channels,
                      weights=weights or "random", context=False,
                      fine_tune_epochs=FINE_TUNE_EPOCHS if recipe == "fine-tune" else 0)
@@ -573,19 +579,11 @@ def write_tables(out: Path, rows: list[dict], budget: Budget) -> None:
                                       "best": best, "beats_paper": beats_paper(rows)})
 
 
-def candidate_of(row: dict, base: TrainConfig, weights_dir: Path | None) -> Candidate:
-    """The configuration a trial row describes, as :func:`suggest` built it."""
-    weights = weights_for(row["alpha"], row["size"], weights_dir)
-    config = replace(base, size=row["size"], alpha=row["alpha"], head=row["head"], trim=bool(row["trim"]),
-                     channels=row["channels"], weights=weights or "random", context=False,
-                     fine_tune_epochs=FINE_TUNE_EPOCHS if row["recipe"] == "fine-tune" else 0)
-    return Candidate(config, row["recipe"])
-
-
 def apply_best(best: dict, dataset: Dataset, base: TrainConfig, out: Path, seed: int,
                weights_dir: Path | None) -> dict:
     """Train the best trial's configuration on one patient split, export it and profile it."""
-    config = candidate_of(best, base, weights_dir).config
+    config = candidate(base, best["size"], best["alpha"], best["head"], bool(best["trim"]), best["channels"],
+                       best["recipe"], weights_for(best["alpha"], best["size"], weights_dir)).config
     run, _ = train(config, dataset, train_val_test_split(dataset, seed=seed), runs_root=out, progress=False)
     export = export_run(run)
     profile = profile_run(run, export.folder)
