@@ -20,7 +20,7 @@ import numpy as np
 
 from ichedge.export import to_int8_tflite
 from ichedge.model import Weights, build_model
-from ichedge.profiling import count_macs, latency_ms, macs_by_operator
+from ichedge.profiling import latency_ms, macs_by_operator
 from ichedge.runtimes import LiteRTPredictor
 from ichedge.preprocess import Preprocessing
 from ichedge.tflm import find_arena
@@ -161,5 +161,6 @@ def graph_cost(arch: Architecture, seed: int = 0) -> GraphCost:
         path.write_bytes(data)
         predictor = LiteRTPredictor(path, Preprocessing(size=arch.size), num_threads=1)
         host = latency_ms(predictor, calibration[0].astype("uint8"), runs=20)["median"]
-        return GraphCost(len(data), find_arena(path), count_macs(path), int(model.count_params()), host,
-                         macs_by_operator(path))
+        by_operator = macs_by_operator(path)
+        return GraphCost(len(data), find_arena(path), sum(by_operator.values()), int(model.count_params()), host,
+                         by_operator)
