@@ -9,7 +9,7 @@ SEED ?= 0
 # The second hospital (non-commercial licence: read from there, never bundled).
 PHE_SICH ?= ../shared/data/phe-sich/labels.csv
 
-.PHONY: setup browser demo test test-fast sweep cv context best crosssite robustness tune bench ablation load clean-venv
+.PHONY: setup browser postgres demo test test-fast sweep cv context best crosssite robustness tune bench ablation load clean-venv
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
@@ -35,11 +35,17 @@ browser:
 	  $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium chromium-driver; }
 
-test: setup browser
+# PostgreSQL from Debian: the tests start a throwaway server of their own from its binaries (tests/postgres.py).
+postgres:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
+	  $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq postgresql; }
+
+test: setup browser postgres
 	$(BIN)/python -m pytest -q
 
 # Unit tests only: no model is trained (tests using a trained model are marked integration).
-test-fast: setup
+test-fast: setup postgres
 	$(BIN)/python -m pytest -q -m "not integration"
 
 # The paper's five configurations, one split (PROFILE=1 adds the edge profile) and 5 patient-grouped folds.

@@ -24,6 +24,17 @@ from ichedge.data import bundled_path, read_manifest, train_val_test_split
 from ichedge.export import ExportResult, export_run
 from ichedge.training import TrainConfig, TrainResult, train
 
+pytest_plugins = ["tests.postgres"]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def ichedge_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Commands that record by default (predict, serve) write to a throwaway home, never the user's."""
+    home = tmp_path_factory.mktemp("ichedge-home")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ICHEDGE_HOME", str(home))
+        yield home
+
 
 def synthetic_slice(rng: np.random.Generator, bleed: bool, size: int = 64) -> np.ndarray:
     """A bright skull ring around gray brain, plus a scanner-table line; a bleed is a bright blob."""
