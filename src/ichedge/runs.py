@@ -64,6 +64,9 @@ CARD, CARD_MARKDOWN, PROFILE = "model_card.json", "model_card.md", "profile.json
 WORKLIST, SLICES, ERRORS, HEATMAPS = "worklist", "slices.csv", "errors.txt", "heatmaps"
 SLICE_PREDICTIONS, RESULTS = "predictions.csv", "results"
 NEAR_DUPLICATES, AUDIT = "near_duplicates.csv", "audit.json"
+# feedback export (a manifest folder, as CT-ICH's), and the gated retrain's comparison.
+FEEDBACK_LABELS, FEEDBACK_README = "labels.csv", "README.md"
+COMPARISON, COMPARISON_REPORT = "comparison.json", "comparison.md"
 
 
 # --- writing ---------------------------------------------------------------------------------
@@ -346,6 +349,14 @@ def check_site_name(site: str) -> str:
         raise DataError(f"site name {site!r}: use letters, digits, '-' and '_' (up to 64, starting with a "
                         "letter or digit)")
     return site
+
+
+def validation_scores(model: str | Path) -> list[float] | None:
+    """The validation slice scores of the run a model came from (the monitor's baseline), if it has them."""
+    run = RunFolder.of_model(model)
+    if run is None or not (run.path / PREDICTIONS).is_file():
+        return None
+    return run.predictions()["val_p"].reshape(-1).tolist()
 
 
 def keras_model_file(path: str | Path) -> Path:
