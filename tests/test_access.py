@@ -1,18 +1,18 @@
-"""Tokens, the audit log, and the browser-facing guards, on a tiny FastAPI app through TestClient."""
+"""Tokens, content hashes, and the browser-facing guards, on a tiny FastAPI app through TestClient."""
 
 import json
 import logging
 import os
 import stat
-import time
 
 import pytest
 from fastapi import Depends, FastAPI, Request
 from fastapi.testclient import TestClient
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
-from ichedge.access import (CSP, AuditLog, SameOrigin, SecurityHeaders, TokenStore, allowed_hosts, audit_file,
-                            bearer_auth, check_exposure, default_home, deid_key, study_hash, tokens_file)
+from ichedge.access import (CSP, SameOrigin, SecurityHeaders, TokenStore, allowed_hosts, bearer_auth, check_exposure,
+                            default_home, deid_key, study_hash, tokens_file)
+from ichedge.store import default_url
 
 
 def mode(path) -> int:
@@ -72,7 +72,7 @@ def test_default_home(monkeypatch, tmp_path):
     assert default_home() == tmp_path / ".config" / "ichedge"
     monkeypatch.setenv("ICHEDGE_HOME", str(tmp_path / "ich"))
     assert tokens_file() == tmp_path / "ich" / "tokens.json"
-    assert audit_file() == tmp_path / "ich" / "audit" / "requests.jsonl"
+    assert default_url() == f"sqlite:///{tmp_path / 'ich' / 'ichedge.db'}"
 
 
 def app_with_auth(store):
@@ -105,48 +105,7 @@ def test_no_store_means_open_access():
     assert client.get("/api/whoami").json() == {"name": None, "state": None}
 
 
-# --- audit -----------------------------------------------------------------------------------
-
-
-def record(log: AuditLog, **kw) -> dict:
-    fields = dict(token="alice", client="127.0.0.1", method="POST", path="/api/studies", status=200,
-                  study=study_hash([b"a", b"b"]), model="0123456789ab", decision={"flagged": 1, "studies": 1},
-                  latency_ms=812.345, n_files=2)
-    return log.write(**{**fields, **kw})
-
-
-def test_audit_appends_fixed_fields_and_private(tmp_path):
-    path = tmp_path / "home" / "audit" / "requests.jsonl"
-    log = AuditLog(path)
-    assert mode(path) == 0o600 and mode(path.parent) == 0o700
-    first = record(log)
-    before, inode = path.read_bytes(), path.stat().st_ino
-    record(log, token=None, status=422, study=None, decision=None, n_files=0)
-    assert path.read_bytes().startswith(before) and path.stat().st_ino == inode
-    rows = AuditLog.read(path)
-    assert len(rows) == 2 and rows[0] == first and rows[0]["latency_ms"] == 812.3
-    assert all(list(r) == list(AuditLog.FIELDS) for r in rows)
-    assert rows[0]["time"].endswith("+00:00") and rows[1]["token"] is None
-    with pytest.raises(TypeError):
-        record(log, patient="Jane Doe")
-    with pytest.raises(ValueError, match="hash"):
-        record(log, study="Jane Doe")
-    assert len(AuditLog.read(path)) == 2
-
-
-def test_audit_rotates_daily_and_keeps_every_file(tmp_path):
-    path = tmp_path / "requests.jsonl"
-    log = AuditLog(path)
-    record(log, n_files=1)
-    yesterday = time.time() - 86400
-    os.utime(path, (yesterday, yesterday))
-    day = time.strftime("%Y-%m-%d", time.gmtime(yesterday))
-    (tmp_path / f"requests.jsonl.{day}").write_text('{"kept": true}\n')  # an earlier rotation of that day
-    record(log, n_files=2)
-    record(log, n_files=3)
-    assert AuditLog.read(tmp_path / f"requests.jsonl.{day}") == [{"kept": True}]
-    assert [r["n_files"] for r in AuditLog.read(tmp_path / f"requests.jsonl.{day}-2")] == [1]
-    assert [r["n_files"] for r in AuditLog.read(path)] == [2, 3] and mode(path) == 0o600
+# --- hashes ----------------------------------------------------------------------------------
 
 
 def test_study_hash_is_short_and_order_free():

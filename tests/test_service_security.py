@@ -12,10 +12,11 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image, PngImagePlugin
 
-from ichedge.access import AuditLog, TokenStore
+from ichedge.access import TokenStore
 from ichedge.cli import main
 from ichedge.connections import serve_in_thread
 from ichedge.service import Access, Limits, create_app
+from ichedge.store import Store
 from tests.conftest import PHI, ct_phantom, synthetic_slice, write_ct_dicom
 from tests.test_deid import MARKER, marked_exif, write_slice
 
@@ -98,10 +99,11 @@ def test_dns_rebinding_and_cross_site_posts_are_refused(client):
 
 
 def test_tokens_are_required_once_configured_and_requests_are_audited(served_run, tmp_path):
-    store = TokenStore(tmp_path / "tokens.json")
-    token = store.create("reader-1")
-    audit = tmp_path / "audit" / "requests.jsonl"
-    c = TestClient(create_app(served_run, explain=False, access=Access(tokens=store.path, audit=audit)), base_url=LOCAL)
+    tokens = TokenStore(tmp_path / "tokens.json")
+    token = tokens.create("reader-1")
+    db = tmp_path / "store.db"
+    c = TestClient(create_app(served_run, explain=False, access=Access(tokens=tokens.path), store=Store(db)),
+                   base_url=LOCAL)
     upload = write_ct_dicom(tmp_path / "a.dcm", ct_phantom(np.random.default_rng(0), True)).read_bytes()
     assert c.get("/api/health").status_code == 200  # uptime monitors need no token
     r = c.post("/api/predict", files=files(("a.dcm", upload)))
@@ -113,20 +115,22 @@ def test_tokens_are_required_once_configured_and_requests_are_audited(served_run
     assert c.get("/api/model", headers=auth).status_code == 200
     assert c.post("/api/predict", files=files(("a.dcm", upload)), headers=auth).status_code == 200
     assert c.post("/api/studies", files=files(("x.txt", b"x")), headers=auth).status_code == 422
-    first, second = AuditLog.read(audit)
-    assert first["token"] == "reader-1" and first["status"] == 200 and first["path"] == "/api/predict"
-    assert first["decision"]["slices"] == 1 and first["n_files"] == 1 and len(first["study"]) == 16
-    assert first["model"] == c.app.state.service.info["id"] and first["latency_ms"] > 0
-    assert second["status"] == 422 and second["decision"]["slices"] == 0 and second["n_files"] == 1
-    text = audit.read_text()
-    assert all(secret not in text for secret in PHI.values()) and "a.dcm" not in text
+    store = Store(db)
+    first, second = store.table("requests")[-2:]
+    assert first["reader"] == "reader-1" and first["status"] == 200 and first["path"] == "/api/predict"
+    assert first["n_files"] == 1 and first["model"] == c.app.state.service.info["id"] and first["latency_ms"] > 0
+    (study,) = store.table("predictions")
+    assert study["request_id"] == first["id"] and len(study["study"]) == 16 and study["slices"] == 1
+    assert second["status"] == 422 and second["n_files"] == 1
+    text = db.read_bytes() + b"".join(p.read_bytes() for p in tmp_path.glob("store.db-*"))
+    assert all(secret.encode() not in text for secret in PHI.values()) and b"a.dcm" not in text
     assert token not in (tmp_path / "tokens.json").read_text()
 
 
 def test_nothing_identifying_survives_anywhere_the_service_writes(served_run, tmp_path, caplog, capsys):
-    keep, audit = tmp_path / "kept", tmp_path / "requests.jsonl"
-    access = Access(audit=audit, deid_key=tmp_path / "home" / "deid.key")
-    c = TestClient(create_app(served_run, keep_uploads=keep, access=access), base_url=LOCAL)
+    keep, db = tmp_path / "kept", tmp_path / "store.db"
+    access = Access(deid_key=tmp_path / "home" / "deid.key")
+    c = TestClient(create_app(served_run, keep_uploads=keep, access=access, store=Store(db)), base_url=LOCAL)
     rng = np.random.default_rng(0)
     dicom, _ = write_slice(tmp_path / "s1.dcm", rng, 0.0, 1, "1.2.826.0.1.3680043.8.498.91",
                            referenced="1.2.826.0.1.3680043.8.498.92")
@@ -139,7 +143,7 @@ def test_nothing_identifying_survives_anywhere_the_service_writes(served_run, tm
                                            ("head.jpg", jpeg.getvalue())))
     assert r.status_code == 200 and len(list(keep.iterdir())) == 3, r.text
     assert MARKER not in r.text and all(secret not in r.text for secret in PHI.values())
-    written = [p.read_bytes() for p in keep.iterdir()] + [audit.read_bytes()]
+    written = [p.read_bytes() for p in [*keep.iterdir(), *tmp_path.glob("store.db*")]]
     assert all(MARKER.encode() not in data for data in written)
     (kept,) = keep.glob("*.dcm")
     assert "keyed hash (HMAC)" in " ".join(pydicom.dcmread(kept).DeidentificationMethod)

@@ -6,11 +6,11 @@ Browsers are the other way in: a page on any site can POST to a loopback port, a
 rebinding lets it read the answers, so state-changing requests from another origin are refused
 (:class:`SameOrigin`) and Host headers not naming this service are refused (starlette's
 TrustedHostMiddleware with :func:`allowed_hosts`). :class:`SecurityHeaders` keeps the page from
-running injected scripts or being framed. :class:`AuditLog` records who scored what, by content
-hash and counts only, never names, IDs or pixels.
+running injected scripts or being framed. Who scored what is recorded in the store
+(:mod:`ichedge.store`), by content hash and counts only, never names, IDs or pixels.
 
-Files live under :func:`default_home`: ``tokens.json``, ``audit/requests.jsonl`` (rotated daily
-to ``requests.jsonl.YYYY-MM-DD``) and ``deid.key`` (:func:`deid_key`), all mode 0600 in a 0700 folder.
+Files live under :func:`default_home`: ``tokens.json`` and ``deid.key`` (:func:`deid_key`), mode
+0600 in a 0700 folder; the store's SQLite file and kept uploads by default too.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ import os
 import re
 import secrets
 import tempfile
-import threading
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -40,7 +39,6 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 log = logging.getLogger(__name__)
 
 TOKENS_FILE = "tokens.json"
-AUDIT_FILE = Path("audit", "requests.jsonl")
 DEID_KEY_FILE = "deid.key"
 TOKEN_NAME = re.compile(r"[A-Za-z0-9_.@-]{1,64}")
 STUDY_HASH = re.compile(r"[0-9a-f]{8,64}")
@@ -55,10 +53,6 @@ def default_home() -> Path:
 
 def tokens_file(home: Path | None = None) -> Path:
     return (home or default_home()) / TOKENS_FILE
-
-
-def audit_file(home: Path | None = None) -> Path:
-    return (home or default_home()) / AUDIT_FILE
 
 
 def deid_key_file(home: Path | None = None) -> Path:
@@ -219,69 +213,7 @@ def bearer_auth(store: TokenStore | None) -> Callable[..., Awaitable[str | None]
     return token_name
 
 
-# --- audit -----------------------------------------------------------------------------------
-
-
-class AuditLog:
-    """One JSON line per scoring request, appended and synced to disk; thread-safe.
-
-    Every line has the same keys (:attr:`FIELDS`): nothing else can be recorded, and ``study``
-    must be a hex hash (:func:`study_hash`), so no name or ID can slip in. The file moves to
-    ``requests.jsonl.YYYY-MM-DD`` (``-N`` added rather than replace) on the first write of a
-    new UTC day; no record is ever rewritten or deleted. Not logging's TimedRotatingFileHandler:
-    it removes an existing file of the rotated name (Python 3.11) and creates files with the
-    umask's mode. One process writes a given file.
-    """
-
-    FIELDS = ("time", "token", "client", "method", "path", "status", "study", "model", "decision",
-              "latency_ms", "n_files")
-
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self._lock = threading.Lock()
-        _private_folder(self.path.parent)
-        handle = self._open()  # fails now, at start-up, when the folder is not writable
-        os.fchmod(handle, 0o600)
-        os.close(handle)
-
-    def write(self, *, token: str | None, client: str | None, method: str, path: str, status: int,
-              study: str | None = None, model: str | None = None, decision: dict | str | None = None,
-              latency_ms: float | None = None, n_files: int | None = None) -> dict:
-        """Append one record (``time`` is now, UTC) and return it."""
-        if study is not None and not STUDY_HASH.fullmatch(study):
-            raise ValueError("study must be a hex content hash (study_hash), never a name or ID")
-        record = {"time": _now(), "token": token, "client": client, "method": method, "path": path,
-                  "status": status, "study": study, "model": model, "decision": decision,
-                  "latency_ms": None if latency_ms is None else round(latency_ms, 1), "n_files": n_files}
-        line = (json.dumps(record, separators=(",", ":"), allow_nan=False) + "\n").encode()
-        with self._lock:
-            self._rotate()
-            with open(self._open(), "ab") as fh:
-                fh.write(line)
-                fh.flush()
-                os.fsync(fh.fileno())
-        return record
-
-    @staticmethod
-    def read(path: str | Path) -> list[dict]:
-        """The records of one audit file."""
-        return [json.loads(line) for line in Path(path).read_text().splitlines() if line]
-
-    def _open(self) -> int:
-        return os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-
-    def _rotate(self) -> None:
-        try:
-            written = datetime.fromtimestamp(self.path.stat().st_mtime, timezone.utc).date()
-        except FileNotFoundError:
-            return
-        if written >= datetime.now(timezone.utc).date():
-            return
-        target, n = self.path.with_name(f"{self.path.name}.{written.isoformat()}"), 1
-        while target.exists():
-            n += 1
-            target = self.path.with_name(f"{self.path.name}.{written.isoformat()}-{n}")
-        os.rename(self.path, target)
+# --- hashes ----------------------------------------------------------------------------------
 
 
 def study_hash(parts: Sequence[bytes | str]) -> str:

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from dataclasses import fields, replace
 from pathlib import Path
 
 import keras
 
-from ichedge.access import TokenStore, allowed_hosts, audit_file, check_exposure, deid_key_file, tokens_file
+from ichedge.access import TokenStore, allowed_hosts, check_exposure, deid_key_file, tokens_file
 from ichedge.acceptance import DEFAULT_CONFIDENCE, DEFAULT_SENSITIVITY, DEFAULT_SITE, calibrate_site, format_calibration
 from ichedge.audit import DEFAULT_MAX_DISTANCE, audit, group_by_clusters, run_audit
 from ichedge.channels import CHANNEL_MODES
@@ -22,20 +23,24 @@ from ichedge.distill import DistillConfig, distill
 from ichedge.data import DataError, Dataset, read_dataset, train_val_test_split
 from ichedge.evaluate import evaluate_model
 from ichedge.explain import GradCAM
+from ichedge.feedback import export_feedback
 from ichedge.export import export_run
 from ichedge.heads import HEADS
 from ichedge.intake import gather_sources, prepare_sources
+from ichedge.monitoring import format_monitor, monitor
 from ichedge.output import progress_wanted
 from ichedge.profiling import format_profile, profile_run
 from ichedge.report import interval
-from ichedge.runs import NEAR_DUPLICATES, REPORT, RESULTS, WORKLIST, ExportFolder, RunFolder, keras_model_file
+from ichedge.retrain import Gate, retrain
+from ichedge.runs import COMPARISON_REPORT, NEAR_DUPLICATES, REPORT, RESULTS, WORKLIST, ExportFolder, RunFolder, keras_model_file
 from ichedge.runtimes import Predictor
 from ichedge.service import BACKENDS, MIB, Access, Limits, serve
 from ichedge.studies import AGGREGATES
+from ichedge.store import Store, default_uploads, default_url
 from ichedge.sweep import PAPER_GRID, parse_grid, run_sweep
 from ichedge.tflm import TFLMError
 from ichedge.training import TrainConfig, train
-from ichedge.triage import OUTSIDE, triage, write_triage
+from ichedge.triage import OUTSIDE, record_batch, triage, write_triage
 from ichedge.tune import PRETRAINED_RECIPES, RANDOM_RECIPES, Space, describe, tune
 
 
@@ -236,8 +241,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
     sources, missing = gather_sources(args.paths)
     prepared = prepare_sources(sources, predictor.preprocessing)
     prepared.errors[:0] = missing
+    started = time.perf_counter()
     result = triage(prepared, predictor, explain, explainer, context=args.context)
     folder = write_triage(args.out, result, prepared, predictor)
+    if not args.no_record:
+        store = Store(args.db)
+        record_batch(store, predictor, result, {s.name: s.digest for s in sources if s.name in set(prepared.files)},
+                     n_files=len(sources) + len(missing), latency_ms=1000 * (time.perf_counter() - started))
+        print(f"recorded in {store.safe_url()}")
     print(f"{len(result.slices)} slice(s) in {len(result.studies)} stud(ies), {result.scoring} scores; slice threshold "
           f"{result.slice_threshold:.3f}, study: {predictor.decision.study_aggregate} of slices >= {result.study_threshold:.3f}"
           + (f" (site profile {predictor.decision.site})" if predictor.decision.site else ""))
@@ -263,26 +274,61 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _db_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--db", default=default_url(),
+                   help="the store: a SQLAlchemy URL (sqlite:///FILE, postgresql+psycopg://USER@HOST/DB) or a "
+                        "SQLite file (default: %(default)s)")
+
+
 def _site_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--site", help="use this site's thresholds (its newest profile from `ichedge calibrate`) instead "
                                   "of the validated ones")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    store = TokenStore(args.tokens)
-    auth = bool(store.names())
+    auth = bool(TokenStore(args.tokens).names())
     check_exposure(args.host, tls=args.certfile is not None, auth=auth, force=args.insecure_expose)
     limits = Limits(max_files=args.max_files, max_file_bytes=int(args.max_file_mb * MIB))
-    access = Access(tokens=args.tokens if auth else None, audit=None if args.no_audit else args.audit,
+    access = Access(tokens=args.tokens if auth else None,
                     allowed_hosts=tuple(allowed_hosts(args.host, args.allowed_host)), tls=args.certfile is not None,
                     deid_key=deid_key_file())
+    store = None if args.no_record else Store(args.db)
+    keep = None if args.no_keep_uploads else args.keep_uploads or (default_uploads() if store else None)
     scheme = "https" if args.certfile else "http"
     print(f"ichedge triage on {scheme}://{args.host}:{args.port}/ (Ctrl-C stops it); "
           + (f"bearer tokens from {args.tokens}" if auth else "no tokens")
-          + ("" if access.audit is None else f"; audit log {access.audit}"))
+          + ("; no record kept" if store is None else f"; requests, decisions and feedback recorded in {store.safe_url()}")
+          + ("" if keep is None else f"; de-identified uploads kept in {keep}"))
     serve(args.model, args.host, args.port, certfile=args.certfile, keyfile=args.keyfile, backend=args.backend,
-          limits=limits, keep_uploads=args.keep_uploads, explain=not args.no_heatmaps, site=args.site, access=access)
+          limits=limits, keep_uploads=keep, explain=not args.no_heatmaps, site=args.site, access=access, store=store)
     return 0
+
+
+def cmd_feedback(args: argparse.Namespace) -> int:
+    store = Store(args.db)
+    done = export_feedback(store, args.uploads, args.out)
+    print(f"{done.rows} slice(s) of {done.studies} stud(ies), {done.positives} with a bleed, from {store.safe_url()}")
+    for s in done.skipped:
+        print(f"  skipped: {s}")
+    print(f"dataset: {done.path} (use it with --data beside your other data)")
+    return 0
+
+
+def cmd_retrain(args: argparse.Namespace) -> int:
+    store = None if args.no_record else Store(args.db)
+    done = retrain(args.champion, args.data, args.runs, store=store, holdout=args.holdout,
+                   gate=Gate(args.sensitivity_margin, args.auc_margin), seed=args.seed,
+                   progress=progress_wanted(args.quiet))
+    print((done.folder / COMPARISON_REPORT).read_text())
+    print(f"challenger run: {done.challenger}\ncomparison: {done.folder}"
+          + ("" if store is None else f"\ndecision recorded in {store.safe_url()}"))
+    return 0
+
+
+def cmd_monitor(args: argparse.Namespace) -> int:
+    report = monitor(Store(args.db), args.model)
+    print("\n".join(format_monitor(report)))
+    return 1 if any(w["drift"] for w in report["weeks"]) else 0
 
 
 def cmd_token(args: argparse.Namespace) -> int:
@@ -448,6 +494,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "studies only; it raised slice AUC but not study AUC on CT-ICH")
     p.add_argument("--out", type=Path, default=Path("runs"), help="folder that receives the new results folder")
     _site_arg(p)
+    _db_arg(p)
+    p.add_argument("--no-record", action="store_true", help="record nothing in the store")
     p.set_defaults(func=cmd_predict)
     p = command("calibrate", help="on-site acceptance: thresholds for a target sensitivity, with a lower confidence "
                                   "bound, from a site's own labelled patients; writes a site profile")
@@ -489,7 +537,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-files", type=int, default=256, help="files per request")
     p.add_argument("--max-file-mb", type=float, default=16, help="size of one file")
-    p.add_argument("--keep-uploads", type=Path, help="save usable uploads here (DICOM de-identified); default: never")
+    p.add_argument("--keep-uploads", type=Path,
+                   help="save usable uploads here, DICOM de-identified, for `ichedge feedback export` "
+                        f"(default with a record: {default_uploads()})")
+    p.add_argument("--no-keep-uploads", action="store_true", help="keep no upload (feedback then exports no image)")
     p.add_argument("--no-heatmaps", action="store_true", help="skip Grad-CAM (no Keras model needed)")
     _site_arg(p)
     p.add_argument("--tokens", type=Path, default=tokens_file(),
@@ -499,12 +550,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keyfile", help="TLS private key (PEM), unless the certificate file holds it")
     p.add_argument("--allowed-host", action="append", default=[],
                    help="a host name clients use to reach the service (repeat; needed beyond loopback)")
-    p.add_argument("--audit", type=Path, default=audit_file(), help="audit log, rotated daily (default: %(default)s)")
-    p.add_argument("--no-audit", action="store_true", help="keep no audit log")
+    _db_arg(p)
+    p.add_argument("--no-record", action="store_true",
+                   help="keep no record: no audit of requests, no feedback, no monitoring")
     p.add_argument("--insecure-expose", action="store_true",
                    help="listen beyond this machine without TLS or tokens (uploads and results travel in clear, "
                         "anyone who reaches the port can use it)")
     p.set_defaults(func=cmd_serve)
+    p = command("feedback", help="readers' feedback from the store as a dataset: `feedback export`")
+    p.add_argument("action", choices=("export",))
+    _db_arg(p)
+    p.add_argument("--uploads", type=Path, default=default_uploads(),
+                   help="where `serve` kept the de-identified uploads (default: %(default)s)")
+    p.add_argument("--out", type=Path, default=Path("runs"), help="folder that receives the new dataset folder")
+    p.set_defaults(func=cmd_feedback)
+    p = command("retrain", help="train a challenger with feedback data, compare it with the champion on the same "
+                                "held-out patients and on held-out feedback, promote only if no worse")
+    p.add_argument("champion", type=Path, help="the current model's run folder")
+    p.add_argument("--data", type=Path, action="append", required=True,
+                   help="feedback dataset(s) (`ichedge feedback export`), added to the champion's training patients")
+    p.add_argument("--holdout", type=float, default=0.5, help="share of feedback studies held out for the comparison")
+    p.add_argument("--sensitivity-margin", type=float, default=Gate().sensitivity_margin,
+                   help="the fall of sensitivity the paired 95%% interval may not reach")
+    p.add_argument("--auc-margin", type=float, default=Gate().auc_margin, help="the AUC drop tolerated")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--runs", type=Path, default=Path("runs"))
+    _db_arg(p)
+    p.add_argument("--no-record", action="store_true", help="do not record the decision in the store")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_retrain)
+    p = command("monitor", help="weekly volume, flag rates, score drift (PSI), OOD rate and reader agreement "
+                                "from the store; exit 1 on drift")
+    _db_arg(p)
+    p.add_argument("--model", help="model id (default: the one recorded last)")
+    p.set_defaults(func=cmd_monitor)
     p = command("token", help="bearer tokens for `ichedge serve`: create (shown once), list, revoke")
     p.add_argument("action", choices=("create", "list", "revoke"))
     p.add_argument("name", nargs="?", help="who or what uses the token (create, revoke)")

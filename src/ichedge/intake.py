@@ -13,11 +13,12 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from ichedge.channels import NEXT, PREVIOUS
 from ichedge.data import DataError, DecodeLimits, read_image
@@ -37,8 +38,11 @@ class Source:
 
     @cached_property
     def digest(self) -> str:
-        """SHA-256 of an upload's bytes: its name when kept, its part of the audit log's study hash."""
-        return hashlib.sha256(self.data or b"").hexdigest()
+        """SHA-256 of the file's bytes: its name when kept, and what the store records it by."""
+        if self.data is not None:
+            return hashlib.sha256(self.data).hexdigest()
+        with open(self.name, "rb") as fh:
+            return hashlib.file_digest(fh, "sha256").hexdigest()
 
     def head(self) -> bytes:
         if self.data is not None:
@@ -79,15 +83,21 @@ class Prepared:
     indices: list[int]
     x: np.ndarray
     errors: list[str]
+    views: list[dict[str, np.ndarray]] = field(default_factory=list)  # per slice, when asked: window -> uint8
+
+
+VIEW_SIDE = 256  # what a viewer shows; a 512x512 CT slice is halved
 
 
 def prepare_sources(sources: Sequence[Source], pre: Preprocessing, image_study: str | None = None,
-                    limits: DecodeLimits = DecodeLimits()) -> Prepared:
+                    limits: DecodeLimits = DecodeLimits(), views: Sequence[str] = ()) -> Prepared:
     """Read, window, group, order, gate and preprocess files; each unusable file is reported, not fatal.
 
     DICOM slices are grouped into series by their UIDs (named by hashes, never by patient
     fields) and ordered along the patient axis. PNG/JPEG images are taken as brain-window
-    slices, one study per folder (or all in ``image_study``), in file-name order.
+    slices, one study per folder (or all in ``image_study``), in file-name order. ``views``
+    names HU windows (:data:`ichedge.dicom.WINDOWS`) to keep per slice for a viewer, as 8-bit
+    pictures at most :data:`VIEW_SIDE` pixels wide; a PNG/JPEG slice has its one picture as "brain".
     """
     errors: list[str] = []
     ct: list[CTSlice] = []
@@ -108,7 +118,7 @@ def prepare_sources(sources: Sequence[Source], pre: Preprocessing, image_study: 
         else:
             images.append(src)
 
-    files, studies, indices, xs = [], [], [], []
+    files, studies, indices, xs, shown = [], [], [], [], []
 
     def add(name: str, study: str, index: int, windows: dict[str, np.ndarray], hu: np.ndarray | None = None) -> None:
         try:
@@ -123,6 +133,9 @@ def prepare_sources(sources: Sequence[Source], pre: Preprocessing, image_study: 
         files.append(name)
         studies.append(study)
         indices.append(index)
+        if views:
+            pictures = windowed(hu, views) if hu is not None else {"brain": windows["brain"]}
+            shown.append({k: _view(v) for k, v in pictures.items()})
 
     for (study, series), members in order_series(ct).items():
         for i, (s, hu, around) in enumerate(_decoded(members, "neighbours" in pre.mode.needs)):
@@ -150,7 +163,14 @@ def prepare_sources(sources: Sequence[Source], pre: Preprocessing, image_study: 
         add(src.name, folder, counters.setdefault(folder, 0), {"brain": image})
         counters[folder] += 1
     x = np.stack(xs) if xs else np.zeros((0, pre.size, pre.size, 3), np.uint8)
-    return Prepared(files, studies, indices, x, errors)
+    return Prepared(files, studies, indices, x, errors, shown)
+
+
+def _view(picture: np.ndarray) -> np.ndarray:
+    """A window in [0, 1] as an 8-bit picture of at most VIEW_SIDE pixels a side."""
+    image = Image.fromarray(np.round(np.clip(picture, 0, 1) * 255).astype(np.uint8))
+    image.thumbnail((VIEW_SIDE, VIEW_SIDE), Image.Resampling.LANCZOS)
+    return np.asarray(image)
 
 
 def _decoded(members: list[CTSlice], neighbours: bool) -> Iterator[tuple[CTSlice, np.ndarray | DataError, tuple]]:

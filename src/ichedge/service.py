@@ -7,6 +7,12 @@ decided by content, and what a file decodes to is bounded from its header. Every
 the quality gate and gets an input OOD score. Bad input gets a 4xx with a message naming the
 file; one bad file in a batch is reported and the others are still scored.
 
+With a :class:`~ichedge.store.Store`, every scoring request is recorded there (it is the audit
+log: who, when, status, latency) with each study's and slice's decision by content hash;
+readers confirm or reject decisions, mark bleeds and subtypes (``/api/feedback``), see a
+study's record (``/api/history/...``), and the monitor (``/api/monitor``, ``/monitor``) shows
+volume, drift and agreement by week (:mod:`ichedge.monitoring`).
+
 Cost is bounded per request (:class:`Limits`): a few requests are read and scored at once, a
 few more wait, the rest get 503 with Retry-After; inference takes turns of a few slices, first
 come first served, so a one-slice request is never stuck behind a 64-slice one. Access
@@ -20,7 +26,6 @@ import asyncio
 import base64
 import collections
 import contextlib
-import hashlib
 import html
 import io
 import json
@@ -32,12 +37,14 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Literal
 
 import keras
 import numpy as np
-from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi import Body, Depends, FastAPI, HTTPException, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, Field
 from PIL import Image
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
@@ -46,17 +53,17 @@ from starlette.formparsers import MultiPartParser
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from ichedge import __version__
-from ichedge.access import (
-    AuditLog, SameOrigin, SecurityHeaders, TokenStore, allowed_hosts, bearer_auth, deid_key, study_hash,
-)
+from ichedge.access import SameOrigin, SecurityHeaders, TokenStore, allowed_hosts, bearer_auth, deid_key
 from ichedge.connections import Timeouts, run
 from ichedge.data import CT_ICH_CREDIT, DataError, DecodeLimits
 from ichedge.deid import DeidentificationError, deidentify_dicom, strip_image_metadata
 from ichedge.explain import GradCAM, overlay
 from ichedge.intake import Prepared, Source, file_kind, prepare_sources
-from ichedge.runs import EXPORT_MODELS, ExportFolder, RunFolder, keras_model_file
+from ichedge.monitoring import monitor
+from ichedge.runs import EXPORT_MODELS, ExportFolder, RunFolder, keras_model_file, validation_scores
 from ichedge.runtimes import KerasPredictor, LiteRTPredictor, Predictor
-from ichedge.triage import OUTSIDE, TriageResult, triage
+from ichedge.store import STUDY_HASH, SUBTYPES, VERDICTS, FeedbackError, Store, model_id
+from ichedge.triage import OUTSIDE, SLICE_HASH_CHARS, TriageResult, study_records, triage
 
 # What `serve` runs from a run folder: the Keras model itself, or one of its exported models.
 BACKENDS = (*reversed(EXPORT_MODELS), KerasPredictor.kind)  # int8 first: the default
@@ -77,16 +84,18 @@ class Limits:
     turn: int = 8  # slices per inference turn: what a newly arrived request waits for at most
 
 
+VIEWS = ("brain", "subdural", "bone")  # the viewer's window presets, where a slice has HU
+
+
 @dataclass(frozen=True)
 class Access:
-    """Who may use the service and what is recorded (:mod:`ichedge.access`).
+    """Who may use the service (:mod:`ichedge.access`); what is recorded is the store's.
 
     The defaults suit loopback: no tokens, the loopback host names. ``ichedge serve`` refuses to
     listen beyond loopback without tokens and TLS (:func:`ichedge.access.check_exposure`).
     """
 
     tokens: Path | None = None  # bearer tokens required when set (ichedge token create)
-    audit: Path | None = None  # the audit log; None keeps none
     deid_key: Path | None = None  # keys the UIDs of kept DICOM (ichedge.access.deid_key); None: unkeyed hash
     allowed_hosts: tuple[str, ...] = tuple(allowed_hosts("127.0.0.1"))
     tls: bool = False
@@ -207,8 +216,8 @@ class TriageService:
         keras_file = keras_model_file(self.source) if explain or self.source.is_dir() else None
         if explain:
             self.explainer = GradCAM(keras.models.load_model(keras_file))
-        file = keras_file if self.source.is_dir() else self.source
-        self.info = {"id": hashlib.sha256(file.read_bytes()).hexdigest()[:12], "kind": self.predictor.kind,
+        self.file = keras_file if self.source.is_dir() else self.source
+        self.info = {"id": model_id(self.file), "kind": self.predictor.kind,
                      "name": self.card.get("model", ""), "ichedge_version": __version__,
                      "heatmaps": self.explainer is not None}
         self.limits = limits
@@ -216,22 +225,26 @@ class TriageService:
         self.deid_key = deid_key
         self.turns = Turns(limits.turn)
 
-    def run(self, sources: list[Source], study_name: str, heatmaps: bool) -> tuple[Prepared, TriageResult]:
+    def run(self, sources: list[Source], study_name: str, heatmaps: bool, views: bool = False
+            ) -> tuple[Prepared, TriageResult, dict[str, str]]:
+        """Score the uploads; also the names of the kept copies, by upload name."""
         prepared = prepare_sources(sources, self.predictor.preprocessing, image_study=study_name,
-                                   limits=self.limits.decode)
+                                   limits=self.limits.decode, views=VIEWS if views else ())
         explain = "all" if heatmaps and self.explainer is not None else "none"
         # Uploads are single slices or partial studies: slice context (fitted on whole studies)
         # is left to `ichedge predict --context`.
         result = triage(prepared, self.predictor, explain, self.explainer, run=self.turns)
+        kept: dict[str, str] = {}
         if self.keep_uploads is not None:
-            result.errors += self._keep(sources, prepared)
-        return prepared, result
+            result.errors += self._keep(sources, prepared, kept)
+        return prepared, result, kept
 
-    def _keep(self, sources: list[Source], prepared: Prepared) -> list[str]:
+    def _keep(self, sources: list[Source], prepared: Prepared, kept: dict[str, str]) -> list[str]:
         """Usable uploads only, named by content hash: DICOM de-identified, images re-encoded bare.
 
-        A file that cannot be kept is reported, never an error of the whole request; a unique
-        temporary name per write keeps concurrent uploads of the same file apart.
+        Fills ``kept`` (upload name -> kept file name). A file that cannot be kept is reported,
+        never an error of the whole request; a unique temporary name per write keeps concurrent
+        uploads of the same file apart.
         """
         problems = []
         self.keep_uploads.mkdir(parents=True, exist_ok=True)
@@ -245,12 +258,13 @@ class TriageService:
                     data = deidentify_dicom(src.data, self.deid_key)
                 else:
                     data = strip_image_metadata(src.data, self.limits.decode.max_pixels)
-                name = src.digest[:20] + (".dcm" if is_dicom else ".png")
+                name = src.digest[:SLICE_HASH_CHARS] + (".dcm" if is_dicom else ".png")
                 target = self.keep_uploads / name
                 handle, tmp = tempfile.mkstemp(dir=self.keep_uploads, suffix=".part")
                 with os.fdopen(handle, "wb") as fh:
                     fh.write(data)
                 os.replace(tmp, target)
+                kept[src.name] = name
             except DeidentificationError as exc:
                 problems.append(f"{src.name}: scored, but not kept ({exc})")
             except Exception as exc:  # pydicom and the file system raise many types; scoring already succeeded
@@ -311,14 +325,31 @@ def _file_errors(messages: list[str], known: list[dict]) -> list[dict]:
     return out
 
 
+class FeedbackIn(BaseModel):
+    """A reader's verdict on a study decision (``slice`` null) or a slice decision; see :meth:`Store.add_feedback`."""
+
+    prediction: int
+    slice: str | None = Field(None, pattern=STUDY_HASH.pattern)
+    verdict: Literal[VERDICTS] | None = None
+    subtype: Literal[SUBTYPES] | None = None
+    point: dict[Literal["x", "y"], float] | None = None
+
+
 def create_app(model: str | Path, backend: str = "int8", limits: Limits = Limits(),
                keep_uploads: Path | None = None, explain: bool = True, site: str | None = None,
-               access: Access = Access()) -> FastAPI:
-    """The FastAPI app serving ``model`` (a run folder, .tflite or .keras), at ``site``'s thresholds if given."""
+               access: Access = Access(), store: Store | None = None) -> FastAPI:
+    """The FastAPI app serving ``model`` (a run folder, .tflite or .keras), at ``site``'s thresholds if given.
+
+    With ``store``, requests and decisions are recorded there and feedback is taken.
+    """
     key = deid_key(access.deid_key) if keep_uploads is not None and access.deid_key is not None else None
     service = TriageService(model, backend, limits, keep_uploads, explain, site, key)
     auth = Depends(bearer_auth(TokenStore(access.tokens) if access.tokens is not None else None))
-    audit = AuditLog(access.audit) if access.audit is not None else None
+    d = service.predictor.decision
+    if store is not None:
+        store.register_model(service.info["id"], service.info["name"] or service.source.name, service.predictor.kind,
+                             str(service.source), d.slice_threshold, d.study_threshold,
+                             validation_scores(service.source))
     # Starlette spools uploads over 1 MiB to a temporary file; within the request limit they stay in memory.
     MultiPartParser.spool_max_size = limits.max_request_bytes
     web = Path(str(resources.files("ichedge") / "web"))
@@ -333,34 +364,37 @@ def create_app(model: str | Path, backend: str = "int8", limits: Limits = Limits
     app.add_middleware(SecurityHeaders, tls=access.tls)
 
     def decision_fields() -> dict:
-        d = service.predictor.decision
         return {"slice_threshold": d.slice_threshold, "study_threshold": d.study_threshold,
                 "study_aggregate": d.study_aggregate, "target_sensitivity": d.target_sensitivity, "site": d.site}
 
+    def need_store() -> Store:
+        if store is None:
+            raise HTTPException(404, "this service keeps no record (started without a database)")
+        return store
+
     admission = Admission(limits.max_active, limits.max_waiting)
 
-    async def score(request: Request, heatmap: bool):
-        started, record = time.perf_counter(), {"status": 500}
+    async def score(request: Request, heatmap: bool, views: bool = False):
+        """Admit, read and score a request; record it (the audit record) whatever its outcome."""
+        started, record, ids = time.perf_counter(), {"status": 500}, {}
         try:
             check_request(request, limits)
             try:
                 async with admission.slot():
                     sources, errors, study = await read_uploads(request, limits)
-                    prepared, result = await run_in_threadpool(service.run, sources, study, heatmap)
+                    prepared, result, kept = await run_in_threadpool(service.run, sources, study, heatmap, views)
             except Busy:
                 raise HTTPException(503, f"busy: {limits.max_active} requests are being scored and "
                                          f"{limits.max_waiting} are waiting; retry later",
                                     headers={"Retry-After": str(limits.retry_after_s)}) from None
-            record.update(n_files=len(sources) + len(errors),
-                          study=study_hash([s.digest for s in sources]) if sources else None,
-                          decision={"slices": len(result.slices), "flagged_slices": sum(s.flagged for s in result.slices),
-                                    "studies": len(result.studies), "flagged_studies": sum(s.flagged for s in result.studies),
-                                    "outside_slices": sum(s.outside for s in result.slices)})
+            digests = {src.name: src.digest for src in sources}
+            studies = study_records(result, digests, kept)
+            record.update(n_files=len(sources) + len(errors), studies=studies)
             errors = _file_errors(result.errors, errors)
             if not result.slices:
                 raise HTTPException(422, {"message": "no usable slice in the upload", "errors": errors})
             record["status"] = 200
-            return prepared, result, errors
+            return prepared, result, errors, studies, ids
         except HTTPException as exc:
             record["status"] = exc.status_code
             raise
@@ -368,20 +402,32 @@ def create_app(model: str | Path, backend: str = "int8", limits: Limits = Limits
             record["status"] = 499  # nginx's "client closed request": no answer was sent
             raise
         finally:
-            if audit is not None:
+            if store is not None:
+                studies = record.pop("studies", {})
                 client = request.client.host if request.client else None
-                await run_in_threadpool(audit.write, token=request.state.token_name, client=client, method=request.method,
-                                        path=request.url.path, model=service.info["id"],
-                                        latency_ms=1000 * (time.perf_counter() - started), **record)
+                ids.update(await run_in_threadpool(
+                    store.record, channel="serve", reader=request.state.token_name, client=client,
+                    method=request.method, path=request.url.path, model=service.info["id"],
+                    latency_ms=1000 * (time.perf_counter() - started), studies=studies.values(),
+                    slice_threshold=d.slice_threshold, study_threshold=d.study_threshold, site=d.site, **record))
 
-    def slice_json(prepared: Prepared, result, k: int) -> dict:
-        s, t = result.slices[k], service.predictor.decision.slice_threshold
+    def slice_json(prepared: Prepared, result, k: int, slice_hash: str) -> dict:
+        s, t = result.slices[k], d.slice_threshold
         heat = None
         if result.explained is not None:
             heat = _png_data_url(overlay(prepared.x[k], result.heatmaps[k], scale=2))
-        return {"file": s.file, "study": s.study, "index": s.index, "probability": s.probability,
-                "flagged": s.flagged, "threshold": t, "decision": decision_text(s.flagged, s.outside),
-                "ood_score": s.ood_score, "outside": s.outside, "heatmap": heat}
+        out = {"file": s.file, "study": s.study, "index": s.index, "slice_hash": slice_hash,
+               "probability": s.probability, "flagged": s.flagged, "threshold": t,
+               "decision": decision_text(s.flagged, s.outside), "ood_score": s.ood_score, "outside": s.outside,
+               "heatmap": heat}
+        if prepared.views:
+            out["views"] = {name: _png_data_url(v) for name, v in prepared.views[k].items()}
+        return out
+
+    def hashes(result, studies) -> list[str]:
+        """Each slice's content hash, in ``result.slices`` order."""
+        by_position = {(st, s.position): s.slice_hash for st, rec in studies.items() for s in rec.slices}
+        return [by_position[(s.study, s.index)] for s in result.slices]
 
     @app.get("/api/health")
     def health() -> dict:
@@ -393,26 +439,59 @@ def create_app(model: str | Path, backend: str = "int8", limits: Limits = Limits
 
     @app.get("/api/model", dependencies=[auth])
     def model_card() -> dict:
-        return {"model": service.info, "decision": decision_fields(), "card": service.card}
+        return {"model": service.info, "decision": decision_fields(), "card": service.card,
+                "recorded": store is not None}
 
     @app.post("/api/predict", dependencies=[auth])
     async def predict(request: Request, heatmap: bool = True) -> dict:
         """Probability, decision and heatmap per uploaded PNG/JPEG slice or DICOM file."""
-        prepared, result, errors = await score(request, heatmap)
+        prepared, result, errors, studies, _ = await score(request, heatmap)
+        h = hashes(result, studies)
         return {"model": service.info, **decision_fields(),
-                "results": [slice_json(prepared, result, k) for k in range(len(result.slices))], "errors": errors,
-                "notes": result.notes}
+                "results": [slice_json(prepared, result, k, h[k]) for k in range(len(result.slices))],
+                "errors": errors, "notes": result.notes, "recorded": store is not None}
 
     @app.post("/api/studies", dependencies=[auth])
-    async def studies(request: Request, heatmap: bool = True) -> dict:
-        """Study score, flag and slice ranking per uploaded study (DICOM series, or the images)."""
-        prepared, result, errors = await score(request, heatmap)
-        slices = [slice_json(prepared, result, k) for k in range(len(result.slices))]
+    async def studies_endpoint(request: Request, heatmap: bool = True, views: bool = False) -> dict:
+        """Study score, flag and slice ranking per uploaded study (DICOM series, or the images);
+        ``views`` adds each slice's window presets for a viewer."""
+        prepared, result, errors, studies, ids = await score(request, heatmap, views)
+        h = hashes(result, studies)
+        slices = [slice_json(prepared, result, k, h[k]) for k in range(len(result.slices))]
         out = []
         for st in result.studies:
             members = sorted((s for s in slices if s["study"] == st.study), key=lambda s: -s["probability"])
-            out.append({**asdict(st), "decision": decision_text(st.flagged, st.outside_slices > 0), "ranking": members})
-        return {"model": service.info, **decision_fields(), "studies": out, "errors": errors, "notes": result.notes}
+            sid = studies[st.study].study
+            out.append({**asdict(st), "id": sid, "prediction": ids.get(sid),
+                        "decision": decision_text(st.flagged, st.outside_slices > 0), "ranking": members})
+        return {"model": service.info, **decision_fields(), "studies": out, "errors": errors, "notes": result.notes,
+                "recorded": store is not None}
+
+    @app.post("/api/feedback", dependencies=[auth])
+    async def add_feedback(request: Request, body: FeedbackIn = Body(...)) -> dict:
+        """A reader confirms or rejects a study or slice decision, or marks a bleed and its subtype."""
+        db = need_store()
+        point = None if body.point is None else (body.point.get("x", -1.0), body.point.get("y", -1.0))
+        try:
+            done = await run_in_threadpool(db.add_feedback, body.prediction, verdict=body.verdict,
+                                           slice_hash=body.slice, subtype=body.subtype, point=point,
+                                           reader=request.state.token_name)
+        except FeedbackError as exc:
+            raise HTTPException(422, str(exc)) from None
+        return {"feedback": done}
+
+    @app.get("/api/history/{study}", dependencies=[auth])
+    async def history(study: str) -> dict:
+        """The model's earlier decisions on a study and readers' feedback, newest first."""
+        db = need_store()
+        if not STUDY_HASH.fullmatch(study):
+            raise HTTPException(422, "a study is named by its hex content hash")
+        return await run_in_threadpool(db.history, study)
+
+    @app.get("/api/monitor", dependencies=[auth])
+    async def monitor_report(model: str | None = None) -> dict:
+        """Weekly volume, flag rates, drift (PSI), OOD rate and reader agreement of the served model."""
+        return await run_in_threadpool(monitor, need_store(), model or service.info["id"])
 
     @app.get("/model-card", response_class=HTMLResponse)
     def model_card_page() -> str:
@@ -429,6 +508,10 @@ def create_app(model: str | Path, backend: str = "int8", limits: Limits = Limits
     @app.get("/", include_in_schema=False)
     def index() -> FileResponse:
         return FileResponse(web / "index.html")
+
+    @app.get("/monitor", include_in_schema=False)
+    def monitor_page() -> FileResponse:
+        return FileResponse(web / "monitor.html")
 
     @app.exception_handler(DataError)
     async def data_error(request: Request, exc: DataError) -> JSONResponse:

@@ -17,11 +17,13 @@ from pathlib import Path
 
 import numpy as np
 
+from ichedge.access import study_hash
 from ichedge.data import DataError
 from ichedge.explain import GradCAM, save_overlay
 from ichedge.intake import Prepared
-from ichedge.runs import ERRORS, HEATMAPS, SLICES, WORKLIST, new_folder, write_json
+from ichedge.runs import ERRORS, HEATMAPS, SLICES, WORKLIST, keras_model_file, new_folder, validation_scores, write_json
 from ichedge.runtimes import Predictor
+from ichedge.store import SliceRecord, Store, StudyRecord, model_id
 from ichedge.studies import DEFAULT_AGGREGATE, study_score
 
 log = logging.getLogger(__name__)
@@ -179,6 +181,43 @@ def triage(prepared: Prepared, predictor: Predictor, explain: str = "none", expl
             heatmaps[chosen] = run(lambda batch: explainer(batch)[0], prepared.x[chosen])
     studies = build_worklist(slices, slice_t, decision.study_aggregate, study_t)
     return TriageResult(slices, studies, list(prepared.errors), scoring, slice_t, study_t, notes, heatmaps, chosen)
+
+
+SLICE_HASH_CHARS = 20  # of a slice file's SHA-256: what the store and the kept copy's name use
+
+
+def study_records(result: TriageResult, digests: dict[str, str], kept: dict[str, str] | None = None
+                  ) -> dict[str, StudyRecord]:
+    """What the store keeps of each study (by its name in ``result``): content hashes, scores, decisions.
+
+    ``digests`` maps each slice's file name to its SHA-256; ``kept``, to its kept copy's name.
+    A study is named by the hash of its slices' digests (:func:`ichedge.access.study_hash`), so
+    the same files uploaded again are the same study, whatever they were called.
+    """
+    kept = kept or {}
+    members: dict[str, list[SliceResult]] = {}
+    for s in result.slices:
+        members.setdefault(s.study, []).append(s)
+    out = {}
+    for st in result.studies:
+        ordered = sorted(members[st.study], key=lambda s: s.index)
+        out[st.study] = StudyRecord(
+            study_hash([digests[s.file] for s in ordered]), st.score, st.flagged, st.outside_slices,
+            [SliceRecord(digests[s.file][:SLICE_HASH_CHARS], s.index, s.probability, s.flagged, s.ood_score, s.outside,
+                         kept.get(s.file)) for s in ordered])
+    return out
+
+
+def record_batch(store: Store, predictor: Predictor, result: TriageResult, digests: dict[str, str], *,
+                 n_files: int, latency_ms: float) -> dict[str, int]:
+    """Record a batch (``ichedge predict``) in the store as the service records a request."""
+    d = predictor.decision
+    model = model_id(predictor.source if predictor.source.is_file() else keras_model_file(predictor.source))
+    store.register_model(model, predictor.source.name, predictor.kind, str(predictor.source), d.slice_threshold,
+                         d.study_threshold, validation_scores(predictor.source))
+    return store.record(channel="predict", status=200, model=model, n_files=n_files, latency_ms=latency_ms,
+                        studies=study_records(result, digests).values(), slice_threshold=result.slice_threshold,
+                        study_threshold=result.study_threshold, scoring=result.scoring, site=d.site)
 
 
 def write_triage(out_root: Path, result: TriageResult, prepared: Prepared, predictor: Predictor) -> Path:
