@@ -53,6 +53,8 @@ def test_serve_feedback_export_retrain_compare(database, served_run, tmp_path, r
             assert client.post("/api/feedback", json={"prediction": st["prediction"], "verdict": verdict}
                                ).json()["feedback"]["hemorrhage"] is False
     assert len(store.table("requests")) == 6 and len(list(uploads.iterdir())) == 24
+    # the monitor's baseline: the served int8 model's own outputs on its run's validation slices
+    assert len(store.model()["reference"]) == len(RunFolder.open(served_run).meta["split"]["val"])
     assert client.post("/api/feedback", json={"prediction": 999, "verdict": "confirm"}).status_code == 422
 
     exported = export_feedback(store, uploads, tmp_path / "exports")

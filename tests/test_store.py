@@ -131,6 +131,22 @@ def test_monitor_weekly_figures_drift_and_reader_agreement(tmp_path):
     report = monitor(store)
     assert [w["drift"] for w in report["weeks"]] == [False, True] and report["weeks"][1]["psi"] > DRIFT_WARNING
     assert "DRIFT" in format_monitor(report)[-2] + format_monitor(report)[-3]
+    assert not any("refused" in w or "outside" in w for w in report["warnings"])
+
+
+def test_monitor_warns_of_refused_files_and_slices_outside_the_validated_inputs(tmp_path):
+    store = Store(tmp_path / "s.db")
+    store.register_model(MODEL, "tiny", "int8", None, 0.5, 0.4, None)
+    outside = StudyRecord("ffff6666ffff6666", 0.2, False, 40, [
+        SliceRecord(f"ffff6666ffff6666{k:04x}", k, 0.2, False, 1.5 if k < 40 else 0.5, k < 40) for k in range(60)])
+    store.record(channel="predict", status=200, model=MODEL, n_files=300, studies=[outside], slice_threshold=0.5,
+                 study_threshold=0.4)
+    report = monitor(store)
+    (week,) = report["weeks"]
+    assert week["refused_rate"] == 0.8 and week["ood_rate"] == pytest.approx(40 / 60) and week["psi"] is None
+    assert [("refused 240 of 300" in w, "40 of 60 slices" in w) for w in report["warnings"][:2]] == [
+        (True, False), (False, True)]
+    assert any("no validation scores" in w for w in report["warnings"])
 
 
 def test_labels_follow_the_latest_verdicts_and_export_as_a_manifest(tmp_path):

@@ -111,25 +111,27 @@ def calibration_sample(run: RunFolder, count: int, seed: int = 0) -> np.ndarray:
     return train[rng.permutation(len(train))[:count]]
 
 
-def runtime_thresholds(run: RunFolder, files: dict[str, Path], thresholds: dict) -> dict[str, dict]:
+def runtime_thresholds(run: RunFolder, files: dict[str, Path], thresholds: dict
+                       ) -> tuple[dict[str, dict], dict[str, np.ndarray]]:
     """Slice and study thresholds chosen on the validation split with each exported model's own
     outputs: int8 arithmetic shifts probabilities (up to 0.61 on the demo run's test slices) while keeping
     their order, so the Keras model's thresholds do not carry over. 'int8-reference' is the
     arithmetic TFLM runs on a microcontroller; 'int8' what LiteRT's default kernels give. A slice-
-    context stage gets its thresholds the same way, on the context scores of each runtime's outputs."""
+    context stage gets its thresholds the same way, on the context scores of each runtime's outputs.
+    Also returns those validation outputs: the baseline the monitor compares served scores with."""
     val, groups, order = run.split_part("val")
     target, aggregate = run.config["target_sensitivity"], thresholds["study_aggregate"]
     context = SliceContext.from_json(thresholds["context"]["model"]) if "context" in thresholds else None
-    out = {}
+    out, scores = {}, {}
     for file, reference in (("float32", False), ("int8", False), ("int8", True)):
         predictor = LiteRTPredictor(files[file], run.preprocessing, reference_kernels=reference)
-        p = predictor.predict(val.x)
+        p = scores[predictor.runtime] = predictor.predict(val.x)
         out[predictor.runtime] = choose_thresholds(val.y, p, groups, target, aggregate)
         out[predictor.runtime]["collapsed"] = is_collapsed(p)
         if context is not None:
             scored = context.apply(p, groups, order)
             out[predictor.runtime]["context"] = choose_thresholds(val.y, scored, groups, target, aggregate)
-    return out
+    return out, scores
 
 
 def export_run(run_dir: str | Path, calibration_images: int = 200, seed: int = 0,
@@ -152,7 +154,8 @@ def export_run(run_dir: str | Path, calibration_images: int = 200, seed: int = 0
         files["c_header"].write_text(header)
         files["c_source"].write_text(source)
         card = model_card(run, metrics, int8_bytes, files, calibration_images)
-        card["thresholds"]["by_runtime"] = runtime_thresholds(run, files, card["thresholds"])
+        card["thresholds"]["by_runtime"], scores = runtime_thresholds(run, files, card["thresholds"])
+        export.validation_scores(scores)
         if collapsed := [rt for rt, t in card["thresholds"]["by_runtime"].items() if t["collapsed"]]:
             card["warning"] = (f"COLLAPSED MODEL: near-constant output on the validation slices ({', '.join(collapsed)}): "
                                "it has not learnt to tell slices apart; do not deploy it")

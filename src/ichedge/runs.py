@@ -59,6 +59,7 @@ _SITE_PROFILE = re.compile(r"(?P<site>.+)-(?P<stamp>\d{8}T\d{6}Z)(?:-(?P<n>\d+))
 EXPORT_MODELS = {"float32": "model_float32.tflite", "int8": "model_int8.tflite"}
 C_ARRAY = "model_int8"  # .h and .cc, and the C symbol
 CARD, CARD_MARKDOWN, PROFILE = "model_card.json", "model_card.md", "profile.json"
+VALIDATION_SCORES = "validation_scores.npz"  # each runtime's outputs on the validation slices
 # The result folders of the other commands, also written through new_folder: predict (worklist),
 # evaluate (metrics, per-slice predictions, plots, report), sweep (results tables), audit.
 WORKLIST, SLICES, ERRORS, HEATMAPS = "worklist", "slices.csv", "errors.txt", "heatmaps"
@@ -351,8 +352,15 @@ def check_site_name(site: str) -> str:
     return site
 
 
-def validation_scores(model: str | Path) -> list[float] | None:
-    """The validation slice scores of the run a model came from (the monitor's baseline), if it has them."""
+def validation_scores(model: str | Path, runtime: str | None = None) -> list[float] | None:
+    """A model's own outputs on its run's validation slices (the monitor's baseline), if recorded:
+    for an exported .tflite, its export's record of ``runtime`` (by default the file's own:
+    int8 or float32, LiteRT's default kernels); for a Keras model, the run's predictions."""
+    model = Path(model)
+    if model.suffix == ".tflite":
+        runtime = runtime or next((k for k, name in EXPORT_MODELS.items() if name == model.name), None)
+        scores = ExportFolder.of_model(model).validation_scores(runtime) if runtime else None
+        return None if scores is None else scores.reshape(-1).tolist()
     run = RunFolder.of_model(model)
     if run is None or not (run.path / PREDICTIONS).is_file():
         return None
@@ -394,6 +402,9 @@ class ExportWriter:
     def c_files(self) -> tuple[Path, Path]:
         return self.folder / f"{C_ARRAY}.h", self.folder / f"{C_ARRAY}.cc"
 
+    def validation_scores(self, scores: Mapping[str, np.ndarray]) -> None:
+        np.savez(self.folder / VALIDATION_SCORES, **scores)
+
     def card(self, card: dict, markdown: str) -> dict:
         """Write the card (with its layout version) and its Markdown; returns the card as written."""
         card = {"layout": LAYOUT_VERSION, **card}
@@ -414,6 +425,14 @@ class ExportFolder:
 
     def model_file(self, runtime: str) -> Path:
         return self.path / EXPORT_MODELS[runtime]
+
+    def validation_scores(self, runtime: str) -> np.ndarray | None:
+        """A runtime's outputs on the run's validation slices; None for exports older than this record."""
+        path = self.path / VALIDATION_SCORES
+        if not path.is_file():
+            return None
+        with np.load(path) as data:
+            return data[runtime] if runtime in data else None
 
     def card(self) -> dict:
         path = self.path / CARD
