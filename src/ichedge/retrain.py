@@ -72,8 +72,8 @@ def retrain(champion: str | Path, feedback_data: list[str | Path], runs_root: Pa
     champ = RunFolder.of_model(champion)
     if champ is None:
         raise DataError(f"{champion}: not a run folder, nor a model inside one")
-    if not 0 < holdout < 1:
-        raise ValueError("holdout must be a fraction in (0, 1)")
+    if not 0 <= holdout < 1:
+        raise ValueError("holdout must be a fraction in [0, 1)")
     config = _champion_config(champ)
     info = champ.meta["dataset"]
     base = read_dataset(info["source"], tuple(info["windows"]))
@@ -90,11 +90,11 @@ def retrain(champion: str | Path, feedback_data: list[str | Path], runs_root: Pa
         part[name] = np.array([position[k] for k in keys], np.int64)
     new = np.arange(len(base.records), len(ds.records))
     patients = np.unique(ds.groups[new])
-    if len(patients) < 2:
-        raise DataError(f"feedback from {len(patients)} stud(ies): at least 2 are needed, one to learn from and "
-                        "one to check on")
+    n_held = max(1, round(holdout * len(patients))) if holdout else 0
+    if len(patients) <= n_held:
+        raise DataError(f"feedback from {len(patients)} stud(ies): with {n_held} held out, none is left to learn from")
     rng = np.random.default_rng(seed)
-    held = set(rng.permutation(patients)[:max(1, round(holdout * len(patients)))].tolist())
+    held = set(rng.permutation(patients)[:n_held].tolist())
     is_held = np.isin(ds.groups[new], list(held))
     learn, check = new[~is_held], new[is_held]
     split = Split(np.concatenate([part["train"], learn]), part["val"], part["test"])
@@ -107,6 +107,10 @@ def retrain(champion: str | Path, feedback_data: list[str | Path], runs_root: Pa
                                "held_out": int(len(held)), "slices_learned": int(len(learn))}, "sets": {}}
     reasons = []
     for name, idx in sets.items():
+        if not len(idx):
+            comparison["sets"][name] = {"slices": 0, "patients": 0, "bleeds": 0,
+                                        "skipped": "no study held out (holdout 0)"}
+            continue
         loaded = load_inputs(ds, champ.preprocessing, idx)
         y, groups = loaded.y, ds.groups[loaded.indices]
         entry = {"slices": int(len(y)), "patients": int(len(np.unique(groups))), "bleeds": int(y.sum())}
