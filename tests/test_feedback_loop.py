@@ -82,3 +82,26 @@ def test_serve_feedback_export_retrain_compare(database, served_run, tmp_path, r
     assert main(["monitor", "--db", str(url)]) == 0
     out = capsys.readouterr().out
     assert "sensitivity / specificity" in out and out.count("-W") >= 1
+
+
+def test_predict_records_its_batch_by_content_hash(served_run, tmp_path, capsys):
+    rng = np.random.default_rng(3)
+    folder = tmp_path / "patient-0042"
+    folder.mkdir()
+    for s in range(3):
+        (folder / f"slice{s}.png").write_bytes(png(synthetic_slice(rng, s == 1)))
+    (folder / "notes.txt").write_text("not an image")
+    db = tmp_path / "store.db"
+    assert main(["predict", str(folder), "--model", str(served_run), "--db", str(db), "--out", str(tmp_path)]) == 0
+    assert "recorded in sqlite:///" in capsys.readouterr().out
+    store = Store(db)
+    (req,) = store.table("requests")
+    (study,) = store.table("predictions")
+    assert req["channel"] == "predict" and req["n_files"] == 4 and study["slices"] == 3
+    val_p = RunFolder.open(served_run).predictions()["val_p"]  # a run folder serves its Keras model
+    assert store.model(req["model"])["reference"] == pytest.approx(val_p.tolist(), abs=1e-6)
+    text = db.read_bytes() + b"".join(p.read_bytes() for p in tmp_path.glob("store.db-*"))
+    assert b"patient-0042" not in text and b"slice1" not in text  # names never reach the store
+    assert main(["predict", str(folder), "--model", str(served_run), "--db", str(db), "--no-record",
+                 "--out", str(tmp_path)]) == 0
+    assert len(store.table("requests")) == 1

@@ -246,7 +246,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     folder = write_triage(args.out, result, prepared, predictor)
     if not args.no_record:
         store = Store(args.db)
-        record_batch(store, predictor, result, {s.name: s.digest for s in sources if s.name in set(prepared.files)},
+        scored = set(prepared.files)
+        record_batch(store, predictor, result, {s.name: s.digest for s in sources if s.name in scored},
                      n_files=len(sources) + len(missing), latency_ms=1000 * (time.perf_counter() - started))
         print(f"recorded in {store.safe_url()}")
     print(f"{len(result.slices)} slice(s) in {len(result.studies)} stud(ies), {result.scoring} scores; slice threshold "

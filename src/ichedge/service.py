@@ -329,7 +329,7 @@ class FeedbackIn(BaseModel):
     """A reader's verdict on a study decision (``slice`` null) or a slice decision; see :meth:`Store.add_feedback`."""
 
     prediction: int
-    slice: str | None = Field(None, pattern=STUDY_HASH.pattern)
+    slice: str | None = Field(None, pattern=f"^{STUDY_HASH.pattern}$")
     verdict: Literal[VERDICTS] | None = None
     subtype: Literal[SUBTYPES] | None = None
     point: dict[Literal["x", "y"], float] | None = None
@@ -375,7 +375,11 @@ def create_app(model: str | Path, backend: str = "int8", limits: Limits = Limits
     admission = Admission(limits.max_active, limits.max_waiting)
 
     async def score(request: Request, heatmap: bool, views: bool = False):
-        """Admit, read and score a request; record it (the audit record) whatever its outcome."""
+        """Admit, read and score a request; record it (the audit record) whatever its outcome.
+
+        The returned ``ids`` (prediction id by study hash) is filled by the ``finally`` block,
+        which runs before the caller reads it: the record is written before the answer is sent.
+        """
         started, record, ids = time.perf_counter(), {"status": 500}, {}
         try:
             check_request(request, limits)
