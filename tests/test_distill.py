@@ -1,6 +1,6 @@
 import json
-from dataclasses import replace
 
+import keras
 import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
@@ -68,10 +68,16 @@ def test_is_collapsed_detects_constant_outputs():
     assert is_collapsed(model.predict(x.astype("float32"), verbose=0))
 
 
-def test_teacher_targets_do_not_read_labels_outside_the_training_rows():
+@pytest.fixture(scope="module")
+def small_teacher():
+    """A 32x32 multilevel teacher (random weights, seeded) and its maps of 24 synthetic images."""
     teacher = build_model(0.35, 32, Weights("random"), seed=0, head="multilevel")
     x, y = _images(24)
-    maps = teacher_maps(teacher, x)
+    return teacher, x, y, teacher_maps(teacher, x)
+
+
+def test_teacher_targets_do_not_read_labels_outside_the_training_rows(small_teacher):
+    teacher, x, y, maps = small_teacher
     assert maps.features.shape[0] == 24 and maps.attention.shape == (24, 2, 2)  # block_13 at stride 16
     train = np.arange(16)
     base = teacher_targets(teacher, maps, y, train, x[train])
@@ -89,11 +95,9 @@ def test_teacher_targets_do_not_read_labels_outside_the_training_rows():
     assert np.array_equal(base.logits, teacher_targets(teacher, maps, y_unl, train, x[train]).logits)
 
 
-def test_teacher_targets_refuse_a_training_split_with_one_class():
-    teacher = build_model(0.35, 32, Weights("random"), seed=0, head="multilevel")
-    x, y = _images(8)
-    maps = teacher_maps(teacher, x)
-    train = np.flatnonzero(y == 0)
+def test_teacher_targets_refuse_a_training_split_with_one_class(small_teacher):
+    teacher, x, y, maps = small_teacher
+    train = np.flatnonzero(y[:8] == 0)
     with pytest.raises((ValueError, DataError)):
         teacher_targets(teacher, maps, y, train, x[train])
 
@@ -101,7 +105,7 @@ def test_teacher_targets_refuse_a_training_split_with_one_class():
 @pytest.mark.integration
 def test_student_moves_towards_the_teachers_scores():
     """Only the teacher's scores (no labels, no attention term): the trained student ranks the
-    images as the teacher does, and disagrees with it less than its (barely trained) start."""
+    images as the teacher does, and disagrees with it less than its untrained start."""
     rng = np.random.default_rng(0)
     n = 128
     y = np.arange(n) % 2
@@ -112,7 +116,10 @@ def test_student_moves_towards_the_teachers_scores():
     unlabelled = np.full(n, UNLABELLED)
     config = DistillConfig(0.05, size=32, epochs=20, batch_size=16, learning_rate=3e-3, temperature=1.0, hard=0.0,
                            attention=0.0, augment=False)
-    start, _ = fit_student(replace(config, learning_rate=1e-9, epochs=1), x, unlabelled, targets)
+    # The student before training: built as fit_student builds it, from the same seed.
+    keras.utils.set_random_seed(config.seed)
+    start = build_model(config.alpha, config.size, Weights("random"), config.neurons, config.dropout, config.seed,
+                        head="paper")
     student, history = fit_student(config, x, unlabelled, targets)
 
     def disagreement(model) -> tuple[float, np.ndarray]:

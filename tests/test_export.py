@@ -147,16 +147,18 @@ def test_multilevel_head_quantises_as_its_fit_assumes_and_runs_in_tflm(multileve
     result = export_run(run, calibration_images=20)
     assert "multilevel logistic head" in result.card["model"] and "Dense(8" not in result.card["model"]
     model = result.files["int8"]
+    keras_model = Predictor.load(run)
+    folder = RunFolder.open(run)
     # the int8 steps fit_logistic floors at are the converted taps' scales (a max keeps its map's)
-    steps = tap_int8_steps(Predictor.load(run).model, calibration_sample(RunFolder.open(run), 20, seed=0))
+    steps = tap_int8_steps(keras_model.model, calibration_sample(folder, 20, seed=0))
     scales = {d["name"]: d["quantization"][0] for d in Interpreter(model_path=str(model)).get_tensor_details()}
     for (layer, how), step in zip(MULTILEVEL_TAPS, steps):
         scale = [v for k, v in scales.items() if f"/{pool_name(layer, how)}" in k and k.endswith(("Mean", "Max"))]
         assert scale == [pytest.approx(step, rel=1e-3)], (layer, how)
     assert steps[2] > steps[1], "block_16's max tap is resolved as coarsely as its whole map"
-    x = RunFolder.open(run).split_part("test")[0].x
+    x = folder.split_part("test")[0].x
     int8 = Predictor.load(model)
-    assert np.abs(int8.predict(x) - Predictor.load(run).predict(x)).max() < 0.1
+    assert np.abs(int8.predict(x) - keras_model.predict(x)).max() < 0.1
     reference = Predictor.load(model, reference_kernels=True)
     result = run_tflm(model, find_arena(model), int8.quantize(x[:4]))  # block_16 is 2x2: a real max pooling
     assert np.abs(result.outputs.reshape(-1).astype(int) - reference.raw(x[:4]).astype(int)).max() <= 2

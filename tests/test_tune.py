@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import optuna
 import pytest
 
+import ichedge.tune as tune_module
 from ichedge.cli import main
 from ichedge.data import read_manifest
 from ichedge.devices import MCUS, Architecture, Budget, GraphCost, parse_bytes
@@ -127,11 +128,50 @@ class StopAtSecondJob(LocalExecutor):
             yield job, evaluate(job.candidate, job.report)
 
 
+def digest(*arrays: np.ndarray) -> str:
+    return hashlib.sha256(b"".join(np.ascontiguousarray(a).tobytes() for a in arrays)).hexdigest()
+
+
+@dataclass
+class Folds:
+    """The folds a search trains, each with its fit and its model's int8 scores. Installed around the
+    search it records them (each is trained for real); installed around a later evaluation of the
+    same data it answers a fold trained before from the record, not by training it again, and lists
+    every fold asked for (``asked``) whether replayed or trained."""
+
+    trained: list[tuple[tuple, TrainConfig]] = field(default_factory=list)  # (key, configuration), in order
+    asked: list[tuple] = field(default_factory=list)
+    fits: dict[tuple, object] = field(default_factory=dict)
+    scores: dict[tuple, tuple[object, np.ndarray]] = field(default_factory=dict)  # the model kept: its id is the key
+
+    def install(self, patch: pytest.MonkeyPatch) -> None:
+        real_fit, real_scores = tune_module.fit, tune_module._int8_scores
+
+        def fit(config: TrainConfig, inputs, split, **kwargs):
+            rows = [getattr(split, part) for part in ("train", "val", "test")]
+            key = (repr(config), digest(inputs.x, inputs.y), *(tuple(r.tolist()) for r in rows))
+            self.asked.append(key)
+            if key not in self.fits:
+                self.fits[key] = real_fit(config, inputs, split, **kwargs)
+                self.trained.append((key, config))
+            return self.fits[key]
+
+        def int8_scores(model, train_x: np.ndarray, test_x: np.ndarray, config: TrainConfig, seed: int) -> np.ndarray:
+            key = (id(model), digest(train_x, test_x), repr(config), seed)
+            if key not in self.scores:
+                self.scores[key] = (model, real_scores(model, train_x, test_x, config, seed))
+            return self.scores[key][1]
+
+        patch.setattr(tune_module, "fit", fit)
+        patch.setattr(tune_module, "_int8_scores", int8_scores)
+
+
 @dataclass
 class Searched:
     stopped: Path
     stopped_db_sha: str
     result: TuneResult
+    folds: Folds
 
 
 def sha(path: Path) -> str:
@@ -143,12 +183,15 @@ def tiny_search(tmp_path_factory: pytest.TempPathFactory, synthetic12: Path) -> 
     ds = read_manifest(synthetic12)
     runs = tmp_path_factory.mktemp("tune")
     base = TrainConfig(epochs=2)
-    with pytest.raises(KeyboardInterrupt):
-        tune(ds, BUDGET, trials=2, space=TINY, base=base, folds=2, runs_root=runs, executor=StopAtSecondJob())
-    (stopped,) = runs.glob("*-incomplete")
-    db = sha(stopped / "study.db")
-    result = tune(ds, BUDGET, trials=2, space=TINY, base=base, folds=2, runs_root=runs, resume=stopped)
-    return Searched(stopped, db, result)
+    folds = Folds()
+    with pytest.MonkeyPatch.context() as patch:
+        folds.install(patch)  # records each fold the search trains, for the pruner test to replay
+        with pytest.raises(KeyboardInterrupt):
+            tune(ds, BUDGET, trials=2, space=TINY, base=base, folds=2, runs_root=runs, executor=StopAtSecondJob())
+        (stopped,) = runs.glob("*-incomplete")
+        db = sha(stopped / "study.db")
+        result = tune(ds, BUDGET, trials=2, space=TINY, base=base, folds=2, runs_root=runs, resume=stopped)
+    return Searched(stopped, db, result, folds)
 
 
 @pytest.mark.integration
@@ -195,13 +238,22 @@ def test_graph_cost_is_what_the_trained_export_measures(tiny_search: Searched, t
 
 
 @pytest.mark.integration
-def test_a_trial_the_pruner_stops_trains_no_further_fold(tiny_search: Searched, synthetic12: Path) -> None:
+def test_a_trial_the_pruner_stops_trains_no_further_fold(tiny_search: Searched, synthetic12: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The search's complete configuration evaluated again (same data, folds and seed) by a new
+    evaluator whose pruner stops it after its first fold. That fold is the search's own first fold,
+    replayed rather than trained again; the second is never asked for."""
+    folds = tiny_search.folds
+    (first, config), second = folds.trained[0], folds.trained[1][0]
+    assert (config.size, config.alpha, config.trim) == (32, 0.35, True) and first != second
+    folds.asked.clear()
+    folds.install(monkeypatch)
     evaluate = Evaluator(read_manifest(synthetic12), BUDGET, folds=2, cache=tiny_search.result.folder / "cache")
     reports = []
-    outcome = evaluate(Candidate(TrainConfig(size=32, alpha=0.35, trim=True, epochs=2), "frozen"),
-                       lambda fold, value: reports.append((fold, value)) or True)
+    outcome = evaluate(Candidate(config, "frozen"), lambda fold, value: reports.append((fold, value)) or True)
     assert outcome.state == "pruned" and outcome.attrs["folds"] == 1 and len(reports) == 1
     assert outcome.value == reports[0][1] == outcome.attrs["auc_int8_folds"][0]
+    assert folds.asked == [first]  # fold 0 only, and it was the search's (so nothing was trained here)
 
 
 def test_the_search_runs_each_configuration_once_and_stops_when_the_space_is_spent(tmp_path: Path) -> None:
