@@ -44,7 +44,7 @@ function render(body) {
     }
     const cells = [
       [w.week, ""], [count(w.requests), "num"], [count(w.studies), "num"], [count(w.slices), "num"],
-      [pct(w.flag_rate_slices), "num"], [pct(w.flag_rate_studies), "num"], [fixed(w.psi), "num"],
+      [pct(w.refused_rate), "num"], [pct(w.flag_rate_slices), "num"], [pct(w.flag_rate_studies), "num"], [fixed(w.psi), "num"],
       [pct(w.ood_rate), "num"], [count(w.feedback), "num"], [pct(w.agreement), "num"],
       [interval(w.sensitivity), ""], [interval(w.specificity), ""],
     ];
@@ -54,7 +54,7 @@ function render(body) {
   if (!rows.children.length) {
     const tr = document.createElement("tr");
     const td = text("td", "no requests recorded yet");
-    td.colSpan = 12;
+    td.colSpan = 13;
     tr.append(td);
     rows.append(tr);
   }
