@@ -3,32 +3,11 @@
 "use strict";
 
 const worklist = [];  // studies uploaded in this session: {data, meta, slices, byHash, feedback}
-const $ = (id) => document.getElementById(id);
 const PRESETS = [["brain", "Brain"], ["subdural", "Subdural"], ["bone", "Bone"]];
 const NO_RECORD = "this service keeps no record (started without a database): feedback is off";
 
 // What the viewer shows: the open study, the slice (position in series order), the window, the overlay.
 const view = { entry: null, k: 0, preset: "brain", heatmap: false, marking: false, sending: false, wheel: 0 };
-
-// A service that listens beyond this machine asks for a bearer token (ichedge token create);
-// it is kept for this tab only.
-function authHeaders() {
-  const token = sessionStorage.getItem("ichedge-token");
-  return token ? { Authorization: "Bearer " + token } : {};
-}
-
-function askForToken(message) {
-  $("token-box").hidden = false;
-  $("status").textContent = message;
-  $("token").focus();
-}
-
-function text(tag, content, cls) {
-  const el = document.createElement(tag);
-  el.textContent = content;
-  if (cls) el.className = cls;
-  return el;
-}
 
 const num = (x, digits = 3) => (typeof x === "number" && isFinite(x) ? x.toFixed(digits) : "–");
 

@@ -2,26 +2,6 @@
 // readers' agreement, from GET /api/monitor.
 "use strict";
 
-const $ = (id) => document.getElementById(id);
-
-function authHeaders() {  // the same bearer token as the triage page, kept for this tab only
-  const token = sessionStorage.getItem("ichedge-token");
-  return token ? { Authorization: "Bearer " + token } : {};
-}
-
-function askForToken(message) {
-  $("token-box").hidden = false;
-  $("status").textContent = message;
-  $("token").focus();
-}
-
-function text(tag, content, cls) {
-  const el = document.createElement(tag);
-  el.textContent = content;
-  if (cls) el.className = cls;
-  return el;
-}
-
 const isNum = (x) => typeof x === "number" && isFinite(x);
 const count = (x) => (isNum(x) ? String(x) : "–");
 const pct = (x, digits = 1) => (isNum(x) ? (100 * x).toFixed(digits) + "%" : "–");
