@@ -21,7 +21,8 @@ from ichedge.access import study_hash
 from ichedge.data import DataError
 from ichedge.explain import GradCAM, save_overlay
 from ichedge.intake import Prepared
-from ichedge.runs import ERRORS, HEATMAPS, SLICES, WORKLIST, keras_model_file, new_folder, validation_scores, write_json
+from ichedge.runs import (ERRORS, HEATMAPS, SLICES, SLICES_PARQUET, WORKLIST, WORKLIST_PARQUET, keras_model_file,
+                          new_folder, validation_scores, write_json)
 from ichedge.runtimes import Predictor
 from ichedge.store import SliceRecord, Store, StudyRecord, model_id
 from ichedge.studies import DEFAULT_AGGREGATE, study_score
@@ -124,6 +125,37 @@ def _direct(model: Callable[[np.ndarray], np.ndarray], x: np.ndarray) -> np.ndar
     return model(x)
 
 
+@dataclass
+class Scores:
+    """What the network and the input reference said of prepared slices, without their pixels:
+    what an engine sends back from its workers (:mod:`ichedge.scale`)."""
+
+    files: list[str]
+    studies: list[str]
+    indices: list[int]
+    network: np.ndarray
+    ood: np.ndarray  # NaN without an input reference
+    errors: list[str]
+    digests: list[str] = field(default_factory=list)  # each file's SHA-256, where the engine read them
+
+    @classmethod
+    def concat(cls, parts: Sequence[Scores]) -> Scores:
+        """Parts in the order given, as one."""
+        return cls([f for p in parts for f in p.files], [s for p in parts for s in p.studies],
+                   [i for p in parts for i in p.indices],
+                   np.concatenate([p.network for p in parts]) if parts else np.zeros(0, np.float32),
+                   np.concatenate([p.ood for p in parts]) if parts else np.zeros(0),
+                   [e for p in parts for e in p.errors], [d for p in parts for d in p.digests])
+
+
+def score(prepared: Prepared, predictor: Predictor, run: Callable = _direct) -> Scores:
+    """The network's output and the input OOD score of each prepared slice."""
+    network = run(predictor.predict, prepared.x)
+    ood = predictor.reference.score(prepared.x) if predictor.reference is not None else np.full(len(network), np.nan)
+    return Scores(list(prepared.files), list(prepared.studies), list(prepared.indices), network, ood,
+                  list(prepared.errors))
+
+
 def triage(prepared: Prepared, predictor: Predictor, explain: str = "none", explainer: GradCAM | None = None,
            context: bool = False, run: Callable = _direct) -> TriageResult:
     """Score slices, aggregate studies at the model's validated thresholds, optionally explain.
@@ -139,10 +171,28 @@ def triage(prepared: Prepared, predictor: Predictor, explain: str = "none", expl
     """
     if explain not in EXPLAIN_CHOICES:
         raise ValueError(f"explain must be one of {EXPLAIN_CHOICES}")
+    if explain != "none" and explainer is None:
+        raise ValueError("explanations need a GradCAM of the Keras model")
+    if predictor.decision is None:
+        raise DataError(f"{predictor.source}: no validated thresholds recorded with this model")
+    result = decide(score(prepared, predictor, run), predictor, context)
+    if explain != "none":
+        flagged = np.array([s.flagged for s in result.slices], bool)
+        chosen = np.nonzero(flagged)[0] if explain == "flagged" else np.arange(len(flagged))
+        result.heatmaps = np.zeros(prepared.x.shape[:3], np.float32)
+        result.explained = chosen
+        if len(chosen):
+            result.heatmaps[chosen] = run(lambda batch: explainer(batch)[0], prepared.x[chosen])
+    return result
+
+
+def decide(scores: Scores, predictor: Predictor, context: bool = False) -> TriageResult:
+    """Flags, slice results and the worklist from scores, at the model's validated thresholds
+    (with ``context``, through its slice-context stage: see :func:`triage`)."""
     decision = predictor.decision
     if decision is None:
         raise DataError(f"{predictor.source}: no validated thresholds recorded with this model")
-    network = run(predictor.predict, prepared.x)
+    network, ood = scores.network, scores.ood
     p, slice_t, study_t, scoring = network, decision.slice_threshold, decision.study_threshold, "slice"
     notes: list[str] = []
     if context and decision.site is not None:
@@ -152,13 +202,12 @@ def triage(prepared: Prepared, predictor: Predictor, explain: str = "none", expl
         notes.append(f"{predictor.source}: no slice-context stage in this model (train with --context); slices scored alone")
     if context and decision.context is not None and len(network):
         c = decision.context
-        p = c.model.apply(network, prepared.studies, prepared.indices)
+        p = c.model.apply(network, scores.studies, scores.indices)
         slice_t, study_t, scoring = c.slice_threshold, c.study_threshold, "slice context"
         low, high = CONTEXT_STUDY_SLICES
         notes += [f"study {study} has {n} slice(s): slice context was fitted on whole 5 mm head CTs of about 30 "
                   "slices, so its scores here are less reliable"
-                  for study, n in sorted(Counter(prepared.studies).items()) if not low <= n <= high]
-    ood = predictor.reference.score(prepared.x) if predictor.reference is not None else np.full(len(p), np.nan)
+                  for study, n in sorted(Counter(scores.studies).items()) if not low <= n <= high]
     if predictor.reference is None:
         notes.append("no input reference recorded with this model (trained before ichedge recorded one), so no "
                      "slice is checked against what it was validated on")
@@ -169,18 +218,9 @@ def triage(prepared: Prepared, predictor: Predictor, explain: str = "none", expl
     flagged = p >= slice_t
     slices = [SliceResult(f, s, i, float(q), bool(fl), network_probability=float(n) if scoring != "slice" else None,
                           ood_score=None if np.isnan(o) else round(float(o), 4), outside=bool(o >= 1))
-              for f, s, i, q, fl, n, o in zip(prepared.files, prepared.studies, prepared.indices, p, flagged, network,
-                                              ood)]
-    heatmaps = chosen = None
-    if explain != "none":
-        if explainer is None:
-            raise ValueError("explanations need a GradCAM of the Keras model")
-        chosen = np.nonzero(flagged)[0] if explain == "flagged" else np.arange(len(p))
-        heatmaps = np.zeros(prepared.x.shape[:3], np.float32)
-        if len(chosen):
-            heatmaps[chosen] = run(lambda batch: explainer(batch)[0], prepared.x[chosen])
+              for f, s, i, q, fl, n, o in zip(scores.files, scores.studies, scores.indices, p, flagged, network, ood)]
     studies = build_worklist(slices, slice_t, decision.study_aggregate, study_t)
-    return TriageResult(slices, studies, list(prepared.errors), scoring, slice_t, study_t, notes, heatmaps, chosen)
+    return TriageResult(slices, studies, list(scores.errors), scoring, slice_t, study_t, notes)
 
 
 SLICE_HASH_CHARS = 20  # of a slice file's SHA-256: what the store and the kept copy's name use
@@ -220,8 +260,10 @@ def record_batch(store: Store, predictor: Predictor, result: TriageResult, diges
                         study_threshold=result.study_threshold, scoring=result.scoring, site=d.site)
 
 
-def write_triage(out_root: Path, result: TriageResult, prepared: Prepared, predictor: Predictor) -> Path:
-    """A new folder under ``out_root``: slices.csv, worklist.csv/.json, errors.txt, heatmaps/."""
+def write_triage(out_root: Path, result: TriageResult, prepared: Prepared | None, predictor: Predictor,
+                 parquet: bool = False) -> Path:
+    """A new folder under ``out_root``: slices.csv, worklist.csv/.json, errors.txt, heatmaps/
+    (``prepared`` gives their pixels), and with ``parquet`` slices.parquet and worklist.parquet."""
     with new_folder(out_root, "predict") as folder:
         if result.explained is not None:
             (folder.tmp / HEATMAPS).mkdir()
@@ -236,8 +278,22 @@ def write_triage(out_root: Path, result: TriageResult, prepared: Prepared, predi
                 "study_aggregate": d.study_aggregate, "target_sensitivity": d.target_sensitivity,
                 "site": d.site, "notes": result.notes, "errors": result.errors}
         write_worklist(folder.tmp, result.slices, result.studies, meta)
+        if parquet:
+            write_parquet(folder.tmp, result)
         (folder.tmp / ERRORS).write_text("".join(f"{e}\n" for e in result.errors))
     return folder.path
+
+
+def write_parquet(folder: Path, result: TriageResult) -> None:
+    """The slices and the ranked worklist as Parquet tables (pyarrow, of the ``scale`` extra)."""
+    import pyarrow as pa  # optional: only archive-scale runs write Parquet
+    import pyarrow.parquet as pq
+
+    slices = {k: [getattr(s, k) for s in result.slices] for k in SliceResult.__dataclass_fields__}
+    pq.write_table(pa.table(slices), folder / SLICES_PARQUET)
+    studies = {"rank": list(range(1, len(result.studies) + 1)),
+               **{k: [getattr(s, k) for s in result.studies] for k in StudyResult.__dataclass_fields__}}
+    pq.write_table(pa.table(studies), folder / WORKLIST_PARQUET)
 
 
 def safe_name(text: str) -> str:
