@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -170,6 +171,7 @@ def fit(
     groups: np.ndarray | None = None,
     order: np.ndarray | None = None,
     sources: np.ndarray | None = None,
+    extract: Callable[[keras.Model, np.ndarray], np.ndarray] = compute_features,
 ) -> TrainResult:
     """Train one model on ``split`` of already loaded inputs and evaluate it on the test part.
 
@@ -178,6 +180,8 @@ def fit(
     patient of each input, adds study-level (patient-level) metrics; with ``order``, each
     input's slice position, ``config.context`` fits and evaluates a slice-context model.
     ``sources``, each input's hospital or collection, adds every test figure per source.
+    ``extract(model, x)`` computes the frozen features when they are not given (an engine of
+    :mod:`ichedge.scale` spreads them over workers).
     """
     x, y = inputs.x, inputs.y
     check_split_usable(y, split)
@@ -198,7 +202,7 @@ def fit(
     if weights.pretrained:
         start = time.perf_counter()
         if features is None:
-            features = compute_features(model, x)
+            features = extract(model, x)
         seconds["features"] = time.perf_counter() - start
         start = time.perf_counter()
         settings = replace(config.fit_settings, progress=progress)
@@ -430,14 +434,16 @@ def train(
     split: Split,
     runs_root: Path = Path("runs"),
     progress: bool = True,
+    extract: Callable[[keras.Model, np.ndarray], np.ndarray] = compute_features,
 ) -> tuple[Path, TrainResult]:
-    """Load, train, evaluate and write a new run folder; returns its path and the result."""
+    """Load, train, evaluate and write a new run folder; returns its path and the result.
+    ``extract`` computes the frozen backbone's features (see :func:`fit`)."""
     check_no_patient_overlap(dataset, split)
     check_context_usable(config, dataset)
     inputs = load_inputs(dataset, config.preprocessing, progress=progress)
     local = remap_split(split, inputs.indices)
     result = fit(config, inputs, local, progress=progress, groups=patient_groups(dataset, inputs),
-                 order=slice_order(dataset, inputs), sources=dataset.record_sources[inputs.indices])
+                 order=slice_order(dataset, inputs), sources=dataset.record_sources[inputs.indices], extract=extract)
     with new_folder(runs_root, config.name) as folder:
         write_run(folder.tmp, config, dataset, inputs, local, result)
     return folder.path, result
