@@ -12,6 +12,7 @@ from dataclasses import fields, replace
 from pathlib import Path
 
 import keras
+from tqdm.auto import tqdm
 
 from ichedge.access import TokenStore, allowed_hosts, check_exposure, deid_key_file, tokens_file
 from ichedge.acceptance import DEFAULT_CONFIDENCE, DEFAULT_SENSITIVITY, DEFAULT_SITE, calibrate_site, format_calibration
@@ -32,14 +33,15 @@ from ichedge.output import progress_wanted
 from ichedge.profiling import format_profile, profile_run
 from ichedge.report import interval
 from ichedge.retrain import Gate, retrain
-from ichedge.runs import COMPARISON_REPORT, NEAR_DUPLICATES, REPORT, RESULTS, WORKLIST, ExportFolder, RunFolder, keras_model_file
+from ichedge.runs import COMPARISON_REPORT, FEATURE_CACHE, NEAR_DUPLICATES, PREDICT_PARTS, REPORT, RESULTS, WORKLIST, ExportFolder, RunFolder, keras_model_file
 from ichedge.runtimes import Predictor
+from ichedge.scale import ENGINES, RayEngine, RayExecutor, cached, predict_archive
 from ichedge.service import BACKENDS, MIB, Access, Limits, serve
 from ichedge.studies import AGGREGATES
 from ichedge.store import Store, default_uploads, default_url
 from ichedge.sweep import PAPER_GRID, parse_grid, run_sweep
 from ichedge.tflm import TFLMError
-from ichedge.training import TrainConfig, train
+from ichedge.training import TrainConfig, compute_features, train
 from ichedge.triage import OUTSIDE, record_batch, triage, write_triage
 from ichedge.tune import PRETRAINED_RECIPES, RANDOM_RECIPES, Space, describe, tune
 
@@ -118,7 +120,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = _config(args)
     ds = _dataset(args, config)
     split = train_val_test_split(ds, seed=config.seed)
-    run, result = train(config, ds, split, args.runs, progress=progress_wanted(args.quiet))
+    engine = RayEngine(args.workers, args.address) if args.engine == "ray" else None
+    try:
+        extract = compute_features if engine is None else cached(engine.extractor(config), config,
+                                                                   args.runs / FEATURE_CACHE)
+        run, result = train(config, ds, split, args.runs, progress=progress_wanted(args.quiet), extract=extract)
+    finally:
+        if engine is not None:
+            engine.close()
     if not result.weights.pretrained:
         print(f"WARNING: RANDOM WEIGHTS: {result.weights.note}")
     d, hs = result.metrics["default"], result.metrics["high_sensitivity"]
@@ -181,8 +190,13 @@ def cmd_tune(args: argparse.Namespace) -> int:
     ds = _grouped(read_dataset(args.data, windows), args)
     print(ds.summary())
     base = TrainConfig(seed=args.seed, epochs=args.epochs)
-    result = tune(ds, budget, args.trials, space, base, args.folds, args.seed, args.runs, args.weights_dir,
-                  apply=args.apply, resume=args.resume, progress=progress_wanted(args.quiet))
+    executor = RayExecutor(args.workers, args.address) if args.engine == "ray" else None
+    try:
+        result = tune(ds, budget, args.trials, space, base, args.folds, args.seed, args.runs, args.weights_dir,
+                      executor=executor, apply=args.apply, resume=args.resume, progress=progress_wanted(args.quiet))
+    finally:
+        if executor is not None:
+            executor.close()
     print(describe(result))
     print(f"search folder: {result.folder}")
     return 0
@@ -234,34 +248,60 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     explain = "all" if args.explain_all else "flagged" if args.explain else "none"
-    predictor = Predictor.load(args.model, site=args.site)
-    explainer = None
-    if explain != "none":
-        explainer = GradCAM(keras.models.load_model(keras_model_file(args.model)))
-    sources, missing = gather_sources(args.paths)
-    prepared = prepare_sources(sources, predictor.preprocessing)
-    prepared.errors[:0] = missing
     started = time.perf_counter()
-    result = triage(prepared, predictor, explain, explainer, context=args.context)
-    folder = write_triage(args.out, result, prepared, predictor)
+    if args.engine == "ray":
+        if explain != "none":
+            raise ValueError("--explain needs the Keras model in this process: use --engine local")
+        engine = RayEngine(args.workers, args.address)
+        bar = tqdm(desc="series", unit="series", disable=not progress_wanted(args.quiet), leave=False)
+
+        def advance(done: int, total: int) -> None:
+            bar.total, bar.n = total, done
+            bar.refresh()
+
+        try:
+            archive, predictor = predict_archive(args.paths, args.model, args.out, engine, site=args.site,
+                                                 context=args.context, progress=advance)
+        finally:
+            bar.close()
+            engine.close()
+        result, digests, n_files, prepared = archive.result, archive.digests, archive.files, None
+        print(f"{archive.units} series or image folders, {archive.resumed} done before ({args.out / PREDICT_PARTS}); "
+              f"{args.workers} Ray worker(s), {time.perf_counter() - started:.1f} s")
+    else:
+        predictor = Predictor.load(args.model, site=args.site)
+        explainer = None
+        if explain != "none":
+            explainer = GradCAM(keras.models.load_model(keras_model_file(args.model)))
+        sources, missing = gather_sources(args.paths)
+        prepared = prepare_sources(sources, predictor.preprocessing)
+        prepared.errors[:0] = missing
+        result = triage(prepared, predictor, explain, explainer, context=args.context)
+        scored = set(prepared.files)
+        digests, n_files = {s.name: s.digest for s in sources if s.name in scored}, len(sources) + len(missing)
+    folder = write_triage(args.out, result, prepared, predictor, parquet=args.engine == "ray")
     if not args.no_record:
         store = Store(args.db)
-        scored = set(prepared.files)
-        record_batch(store, predictor, result, {s.name: s.digest for s in sources if s.name in scored},
-                     n_files=len(sources) + len(missing), latency_ms=1000 * (time.perf_counter() - started))
+        record_batch(store, predictor, result, digests, n_files=n_files,
+                     latency_ms=1000 * (time.perf_counter() - started))
         print(f"recorded in {store.safe_url()}")
     print(f"{len(result.slices)} slice(s) in {len(result.studies)} stud(ies), {result.scoring} scores; slice threshold "
           f"{result.slice_threshold:.3f}, study: {predictor.decision.study_aggregate} of slices >= {result.study_threshold:.3f}"
           + (f" (site profile {predictor.decision.site})" if predictor.decision.site else ""))
-    for rank, s in enumerate(result.studies, 1):
+    for rank, s in enumerate(result.studies[:SHOWN_STUDIES], 1):
         print(f"{rank:>3}. {'FLAG' if s.flagged else '    '} {s.score:.3f}  {s.study}  ({s.slices} slices)"
               + (f"  [{s.outside_slices} slice(s) {OUTSIDE}: read it yourself]" if s.outside_slices else ""))
+    if len(result.studies) > SHOWN_STUDIES:
+        print(f"  ... and {len(result.studies) - SHOWN_STUDIES} more studies in {WORKLIST}.csv")
     for e in result.errors:
         print(f"  skipped: {e}")
     for note in result.notes:
         print(f"  note: {note}")
     print(f"worklist: {folder / f'{WORKLIST}.csv'}")
     return 0 if result.slices or not result.errors else 2
+
+
+SHOWN_STUDIES = 50  # the most urgent studies printed; an archive's worklist is in its files
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
@@ -413,6 +453,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("train", help="train and evaluate one configuration on a patient-level split")
     _config_args(p, single=True)
+    p.add_argument("--engine", choices=ENGINES, default="local",
+                   help="ray: the frozen backbone's features by Ray Data over --workers actors (ichedge[scale]), "
+                        "cached under RUNS/.feature-cache; the head is fitted here")
+    p.add_argument("--address", help="a running Ray cluster ('auto' or HOST:PORT); default: start one here")
+    p.add_argument("--workers", type=int, default=2, help="Ray actors computing features")
     p.set_defaults(func=cmd_train)
     p = command("sweep", help="train a grid of (rho, alpha) configurations; paper-style table")
     _config_args(p, single=False)
@@ -451,6 +496,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--apply", action="store_true",
                    help="train the best configuration on one patient split, export and profile it (chosen/)")
     p.add_argument("--resume", type=Path, help="an earlier search folder (or -incomplete) to continue")
+    p.add_argument("--engine", choices=ENGINES, default="local",
+                   help="ray: --workers trials at once on Ray actors (ichedge[scale]); the pruner still judges each fold")
+    p.add_argument("--address", help="a running Ray cluster ('auto' or HOST:PORT); default: start one here")
+    p.add_argument("--workers", type=int, default=2, help="trials run at once on Ray")
     p.add_argument("--quiet", action="store_true")
     _grouping_args(p)
     p.set_defaults(func=cmd_tune)
@@ -497,6 +546,12 @@ def build_parser() -> argparse.ArgumentParser:
     _site_arg(p)
     _db_arg(p)
     p.add_argument("--no-record", action="store_true", help="record nothing in the store")
+    p.add_argument("--engine", choices=ENGINES, default="local",
+                   help="ray: read, decode and score series in parallel on Ray (ichedge[scale]), resumable, with "
+                        "Parquet outputs; the same worklist and scores as local")
+    p.add_argument("--address", help="a running Ray cluster ('auto' or HOST:PORT); default: start one here")
+    p.add_argument("--workers", type=int, default=2, help="Ray scoring actors, each loading the model once")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_predict)
     p = command("calibrate", help="on-site acceptance: thresholds for a target sensitivity, with a lower confidence "
                                   "bound, from a site's own labelled patients; writes a site profile")

@@ -63,6 +63,9 @@ VALIDATION_SCORES = "validation_scores.npz"  # each runtime's outputs on the val
 # The result folders of the other commands, also written through new_folder: predict (worklist),
 # evaluate (metrics, per-slice predictions, plots, report), sweep (results tables), audit.
 WORKLIST, SLICES, ERRORS, HEATMAPS = "worklist", "slices.csv", "errors.txt", "heatmaps"
+# ... and with `--engine ray`, the same tables as Parquet, and each finished unit's scores as a part
+SLICES_PARQUET, WORKLIST_PARQUET, PREDICT_PARTS = "slices.parquet", "worklist.parquet", ".predict-parts"
+FEATURE_CACHE = ".feature-cache"  # `train --engine ray`: frozen features by configuration and pixels
 SLICE_PREDICTIONS, RESULTS = "predictions.csv", "results"
 NEAR_DUPLICATES, AUDIT = "near_duplicates.csv", "audit.json"
 # feedback export (a manifest folder, as CT-ICH's), and the gated retrain's comparison.
