@@ -2,10 +2,11 @@
 
 :func:`predict_archive` plans an archive into *units* (a DICOM series, or a folder of images;
 :mod:`ichedge.archive`), exactly the groups :func:`ichedge.intake.prepare_sources` makes, in the
-order it makes them. On
-Ray (``engine="ray"``) file headers are read and units decoded and preprocessed by parallel tasks,
-and scored by a pool of actors that each load the model once (:class:`Scorer`); the local engine
-runs the same steps in this process. Either way each finished unit is saved as a part, so a
+order it makes them. On Ray (:class:`RayEngine`) file headers are read and units decoded and
+preprocessed by parallel tasks, and scored by a pool of actors that each load the model once
+(:class:`Scorer`); the local engine runs the same steps in this process. Training's frozen
+features (:meth:`RayEngine.extractor`) and the search's trials (:class:`RayExecutor`) run on the
+same cluster. Either way each finished unit is saved as a part, so a
 rerun of the same archive and model skips the units already done, and the study stage
 (:func:`ichedge.triage.decide`) runs once over every unit's scores, in plan order: the worklist
 and scores are those of ``ichedge predict`` bit for bit (LiteRT scores one slice at a time).
