@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -276,3 +276,22 @@ def test_the_search_runs_each_configuration_once_and_stops_when_the_space_is_spe
     repeats = [t for t in study.trials if "repeat_of" in t.user_attrs]
     assert len(counted) == 2 and len(study.trials) == len(counted) + len(repeats) == 4 * 3
     assert all(r.intermediate_values == study.trials[r.user_attrs["repeat_of"]].intermediate_values for r in repeats)
+
+
+def test_two_slots_never_run_one_configuration_twice_at_once(tmp_path: Path) -> None:
+    """With two trials asked for at once (two Ray workers), TPE in a one-point space proposes the
+    same configuration twice in one batch: it runs once, the other proposal gets its result after."""
+    calls: list[str] = []
+
+    def evaluate(candidate: Candidate, report) -> Outcome:
+        calls.append(candidate.key)
+        return Outcome("complete", 0.8, {"key": candidate.key, "folds": 1, "arena_kib": 100.0, "flash_kib": 400.0})
+
+    class TwoSlots(LocalExecutor):
+        slots = 2  # as on two workers; run here one after the other
+
+    study = _study(tmp_path, 0, {})
+    _search(study, evaluate, TwoSlots(), replace(TINY, trims=(True,)), TrainConfig(), None, trials=2)
+    assert len(calls) == 1
+    first, *repeats = study.trials
+    assert repeats and all(t.user_attrs["repeat_of"] == first.number and t.value == first.value for t in repeats)

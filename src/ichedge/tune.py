@@ -404,7 +404,8 @@ def _search(study: optuna.Study, evaluate: Evaluator, executor: Executor, space:
 
     TPE proposes points again in a small categorical space: a repeat of a finished or pruned
     configuration, or an architecture already found over budget, is told its known result at once
-    and not counted.
+    and not counted. With several slots, a repeat of a configuration running in the same batch
+    waits for it and is told its result then.
     After ``MAX_ASKS`` x ``trials`` proposals the space is taken as exhausted.
     """
     known: dict[str, optuna.trial.FrozenTrial] = {}
@@ -416,7 +417,7 @@ def _search(study: optuna.Study, evaluate: Evaluator, executor: Executor, space:
     asks = 0
     bar = tqdm(total=trials, initial=min(trials, _counted(study)), desc="trials", disable=not progress, leave=False)
     while (left := trials - _counted(study)) > 0 and asks < MAX_ASKS * trials:
-        jobs, asked = [], {}
+        jobs, asked, waiting = [], {}, []
         for _ in range(min(left, executor.slots)):
             trial = study.ask()
             asks += 1
@@ -427,10 +428,10 @@ def _search(study: optuna.Study, evaluate: Evaluator, executor: Executor, space:
                 continue
             seen = known.get(candidate.key) or known.get(candidate.architecture.key)
             if seen is not None and seen.user_attrs.get("outcome") in ("complete", "over-budget", "pruned"):
-                for step, value in seen.intermediate_values.items():  # a pruned one ranks as it did
-                    trial.report(value, step)
-                repeat = {**seen.user_attrs, "key": candidate.key, "repeat_of": seen.number, "seconds": 0.0}
-                _finish(study, trial, Outcome(seen.user_attrs["outcome"], seen.value, repeat), counted=False)
+                _repeat(study, trial, candidate, seen)
+                continue
+            if any(job.candidate.key == candidate.key for job in jobs):
+                waiting.append((trial, candidate))
                 continue
             jobs.append(Job(trial.number, candidate, _reporter(trial)))
             asked[trial.number] = trial
@@ -445,7 +446,17 @@ def _search(study: optuna.Study, evaluate: Evaluator, executor: Executor, space:
             bar.update(1)
             if outcome.state == "complete":
                 bar.set_postfix_str(f"last int8 AUC {outcome.value:.3f}")
+        for trial, candidate in waiting:
+            _repeat(study, trial, candidate, known[candidate.key])
     bar.close()
+
+
+def _repeat(study: optuna.Study, trial: optuna.Trial, candidate: Candidate, seen: optuna.trial.FrozenTrial) -> None:
+    """Tell a repeated proposal the known result of ``seen`` (not counted as a trial)."""
+    for step, value in seen.intermediate_values.items():  # a pruned one ranks as it did
+        trial.report(value, step)
+    repeat = {**seen.user_attrs, "key": candidate.key, "repeat_of": seen.number, "seconds": 0.0}
+    _finish(study, trial, Outcome(seen.user_attrs["outcome"], seen.value, repeat), counted=False)
 
 
 def _reporter(trial: optuna.Trial) -> Report:
