@@ -150,6 +150,7 @@ def test_predict_engine_ray_writes_the_same_worklist_and_parquet(ray_cluster, se
     assert len(list((tmp_path / "ray" / PREDICT_PARTS).rglob("*.npz"))) == 5
 
 
+@pytest.mark.integration  # trains a tiny model on the Ray features
 def test_train_features_on_ray_data_match_the_local_ones_and_are_cached(ray_cluster, synthetic12, tmp_path):
     config = TrainConfig(size=32, alpha=0.35, epochs=1)
     ds = read_manifest(synthetic12)
@@ -171,6 +172,7 @@ def test_train_features_on_ray_data_match_the_local_ones_and_are_cached(ray_clus
     assert np.array_equal(result.features, there) and RunFolder.open(run).has_metrics
 
 
+@pytest.mark.integration  # a real Ray cluster
 def test_search_trials_on_ray_run_in_parallel_and_the_driver_s_pruner_judges_each_fold(ray_cluster):
     class Folds:
         """A trial whose three folds score its configuration's learning rate, asking after each
