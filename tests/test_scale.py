@@ -93,7 +93,7 @@ def test_the_local_engine_matches_predict_and_resumes_from_its_parts(local, arch
     scored = []
     engine = LocalEngine()
     original = engine.scores
-    engine.scores = lambda todo, pre, j: (scored.extend(todo) or original(todo, pre, j))
+    engine.scores = lambda todo, predictor, j: (scored.extend(todo) or original(todo, predictor, j))
     third, _ = predict_archive([archive], model, tmp_path, engine)
     assert scored == [units[1]] and third.resumed == 4
     same(third.result, reference)

@@ -11,6 +11,7 @@ import hashlib
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from ichedge.data import DataError
@@ -27,7 +28,7 @@ class Unit:
 
     files: tuple[str, ...]
 
-    @property
+    @cached_property
     def key(self) -> str:
         """Names its part: the files, their sizes and times, so a changed file is scored again."""
         h = hashlib.sha256()

@@ -32,7 +32,6 @@ from ichedge.archive import HEADER_CHUNK, Unit, plan, prepare_unit, read_headers
 from ichedge.data import DataError
 from ichedge.intake import Prepared, gather_sources
 from ichedge.model import build_model, feature_extractor, resolve_weights
-from ichedge.preprocess import Preprocessing
 from ichedge.runs import PREDICT_PARTS, keras_model_file
 from ichedge.runtimes import Predictor
 from ichedge.store import model_id
@@ -110,8 +109,9 @@ class Engine(ABC):
     def headers(self, names: list[str]) -> list[tuple[str, str, object]]: ...
 
     @abstractmethod
-    def scores(self, units: list[Unit], pre: Preprocessing, job: Job) -> Iterator[tuple[Unit, Scores]]:
-        """Each unit with its scores, in any order, as they finish."""
+    def scores(self, units: list[Unit], predictor: Predictor, job: Job) -> Iterator[tuple[Unit, Scores]]:
+        """Each unit with its scores by ``predictor`` (or a copy loaded from ``job.model`` where the
+        work runs), in any order, as they finish."""
 
     def close(self) -> None:
         """Release what the engine started."""
@@ -120,17 +120,12 @@ class Engine(ABC):
 class LocalEngine(Engine):
     """This process, one unit after another: the twin every other engine must match."""
 
-    def __init__(self) -> None:
-        self.predictor: Predictor | None = None
-
     def headers(self, names: list[str]) -> list[tuple[str, str, object]]:
         return read_headers(names)
 
-    def scores(self, units: list[Unit], pre: Preprocessing, job: Job) -> Iterator[tuple[Unit, Scores]]:
-        if self.predictor is None:
-            self.predictor = Predictor.load(job.model, site=job.site)
+    def scores(self, units: list[Unit], predictor: Predictor, job: Job) -> Iterator[tuple[Unit, Scores]]:
         for unit in units:
-            yield unit, score_unit(prepare_unit(unit, pre), self.predictor)
+            yield unit, score_unit(prepare_unit(unit, predictor.preprocessing), predictor)
 
 
 def _chunks(items: Sequence, size: int) -> Iterator[Sequence]:
@@ -162,7 +157,7 @@ def predict_archive(paths: Sequence[str | Path], model: str | Path, out: Path, e
     todo = [u for u in units if u not in found]
     if progress:
         progress(len(found), len(units))
-    for unit, s in engine.scores(todo, predictor.preprocessing, job):
+    for unit, s in engine.scores(todo, predictor, job):
         job.save(unit, s)
         found[unit] = s
         if progress:
@@ -252,10 +247,10 @@ class RayEngine(Engine):
         refs = [self._read.remote(list(chunk)) for chunk in _chunks(names, HEADER_CHUNK)]
         return [h for part in self.ray.get(refs) for h in part]
 
-    def scores(self, units: list[Unit], pre: Preprocessing, job: Job) -> Iterator[tuple[Unit, Scores]]:
+    def scores(self, units: list[Unit], predictor: Predictor, job: Job) -> Iterator[tuple[Unit, Scores]]:
         if not units:
             return
-        ray = self.ray
+        ray, pre = self.ray, predictor.preprocessing
         self.actors = [self._actor.remote(str(job.model), job.site) for _ in range(self.workers)]
         queue, pending, load = list(units), {}, [0] * self.workers
         while queue or pending:
