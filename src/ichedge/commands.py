@@ -33,7 +33,8 @@ from ichedge.output import progress_wanted
 from ichedge.profiling import format_profile, profile_run
 from ichedge.report import interval
 from ichedge.retrain import Gate, retrain
-from ichedge.runs import COMPARISON_REPORT, FEATURE_CACHE, NEAR_DUPLICATES, PREDICT_PARTS, REPORT, RESULTS, WORKLIST, ExportFolder, RunFolder, keras_model_file
+from ichedge.runs import (COMPARISON_REPORT, FEATURE_CACHE, NEAR_DUPLICATES, PREDICT_PARTS, REPORT, RESULTS, WORKLIST,
+                          ExportFolder, RunFolder, keras_model_file)
 from ichedge.runtimes import Predictor
 from ichedge.scale import ENGINES, RayEngine, RayExecutor, cached, predict_archive
 from ichedge.service import BACKENDS, MIB, Access, Limits, serve
